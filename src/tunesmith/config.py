@@ -1,0 +1,256 @@
+"""The run configuration: typed, documented, checked before any model loads.
+
+A config is YAML plus dotted command-line overrides (``optim.lr=3e-5``). Unknown keys are errors
+that suggest the nearest valid key; bad values name the key, what was given and what is allowed,
+and, for a YAML file, the line.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import UserError, did_you_mean
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: str = Field(description="Training file: .csv, .tsv, .jsonl or .parquet.")
+    validation: str | None = Field(None, description="Validation file; if absent, split from train (stratified, seeded).")
+    test: str | None = Field(None, description="Held-out test file; if absent, split from train (stratified, seeded).")
+    text_column: str = Field("text", description="Column (or JSON key) holding the text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks such as NLI).")
+    label_column: str = Field("label", description="Column holding the label: a string, an integer, or a list (multi-label).")
+    label_separator: str | None = Field(
+        None, description="Multi-label in CSV/TSV: split the label cell on this string, e.g. '|'. JSONL/Parquet use lists."
+    )
+    validation_size: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
+    test_size: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for testing when no test file is given.")
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="Rows with empty or non-string text or no label: 'error' lists them and stops; 'skip' drops and counts them."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick experiments).")
+
+
+class StrategyConfig(_Section):
+    name: str = Field("full", description="Which weights train: full | head-only (see `tunesmith strategies`).")
+
+
+class OptimConfig(_Section):
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default depends on the strategy (full 2e-5, head-only 1e-3).")
+    batch_size: int = Field(32, gt=0, description="Global batch size (all processes together, before accumulation).")
+    epochs: int = Field(3, gt=0, description="Passes over the training data.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
+    warmup: float = Field(0.06, ge=0, description="Linear warmup: a fraction of all steps if < 1, else a number of steps.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
+    grad_accum: int = Field(1, gt=0, description="Accumulate gradients over this many batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null turns clipping off.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+
+
+class TrainConfig(_Section):
+    max_length: int = Field(128, gt=1, description="Truncate texts to this many tokens.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX-512 BF16), else fp32."
+    )
+    seed: int = Field(0, description="Seeds data splits, shuffling, head initialisation and dropout.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = at the end of every epoch.")
+    log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
+    early_stopping: int = Field(0, ge=0, description="Stop after N evaluations without improvement; 0 = never stop early.")
+    metric: str = Field("macro_f1", description="Validation metric that picks the best weights (restored at the end).")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding, faster).")
+
+
+class EvalConfig(_Section):
+    before: bool = Field(True, description="Evaluate the starting model (its fresh head) on the test set before training.")
+    linear_probe: bool = Field(True, description="Baseline: logistic regression on frozen mean-pooled features.")
+    every_epoch: bool = Field(True, description="Evaluate on validation during training (needed for best-weights and early stopping).")
+    batch_size: int = Field(64, gt=0, description="Batch size for evaluation and prediction.")
+
+
+class Config(_Section):
+    task: str = Field(description="What the model learns: text-classification.")
+    model: str = Field(description="A packaged model name (see `tunesmith models`), a local Hugging Face directory, or a hub id.")
+    data: DataConfig
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("runs/run", description="Where the run directory is written.")
+    overwrite: bool = Field(False, description="Replace a finished run in output_dir.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from tunesmith.registry import TASKS
+
+        TASKS.get(v)  # raises with the list of known tasks
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        from tunesmith.registry import STRATEGIES
+
+        STRATEGIES.get(self.strategy.name)
+        from tunesmith.tasks.text_classification import METRICS
+
+        if self.train.metric not in METRICS:
+            raise ValueError(
+                f"train.metric: '{self.train.metric}' is not a validation metric{did_you_mean(self.train.metric, METRICS)}; "
+                f"choose one of {', '.join(METRICS)}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and overriding
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not key=value (for example optim.lr=3e-5)")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{item}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys at a location, for 'did you mean' and 'allowed keys' messages."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any], source: str | None, lines: dict[tuple[str, ...], int]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    where = ""
+    if source:
+        line = lines.get(loc) or lines.get(loc[:-1])
+        where = f"{source}:{line}: " if line else f"{source}: "
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _field_names(Config, loc[:-1])
+        hint = did_you_mean(loc[-1], valid)
+        return f"{where}unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{where}missing required key '{key}'"
+    if kind == "value_error":
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        return f"{where}{msg}"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"{where}{key}: {err['msg']}{got_s}"
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None, **kwargs: Any
+) -> Config:
+    """Read a config from a YAML path or a dict, apply dotted overrides, validate."""
+    name: str | None = None
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        name = str(source)
+        if not path.exists():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read config file {path}: {e}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"{path}{line}: not valid YAML: {problem}") from None
+        raw = raw if raw is not None else {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a config is a mapping of keys (task:, model:, data:, ...), not a {type(raw).__name__}")
+        lines = _key_lines(text)
+        base = path.resolve().parent
+        raw = _resolve_data_paths(raw, base)
+    overrides = list(overrides or [])
+    for key, value in kwargs.items():  # Python API: train(cfg, optim__lr=3e-5) or train(cfg, **{"optim.lr": 3e-5})
+        overrides.append(f"{key.replace('__', '.')}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_error(e.errors()[0], name, lines)) from None
+    except UserError as e:
+        raise UserError(f"{name}: {e}" if name else str(e)) from None
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Data paths in a config file are relative to the file, unless they exist from the cwd."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "validation", "test"):
+            value = data.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists():
+                candidate = base / value
+                if candidate.exists():
+                    data[key] = str(candidate)
+    return raw
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

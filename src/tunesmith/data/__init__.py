@@ -1,0 +1,1 @@
+"""Data path: files -> validated rows -> examples -> length-grouped, dynamically padded batches."""

@@ -1,0 +1,333 @@
+"""The one training loop, top to bottom: data, model, strategy, baseline, train, evaluate, save.
+
+Runs unchanged on one CPU, one GPU, or many processes under `accelerate launch` / `torchrun`
+(DDP). Batches are global (see `tunesmith.data.batching`): each process takes its slice, so the
+same config gives the same optimisation trajectory whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunesmith.config import Config, save_config
+from tunesmith.data.batching import make_batches, shard
+from tunesmith.errors import UserError
+from tunesmith.metrics import linear_probe
+from tunesmith.models import resolve_model
+from tunesmith.optim import build_optimizer, build_scheduler
+from tunesmith.precision import autocast_dtype, resolve_precision
+from tunesmith.registry import STRATEGIES, TASKS
+from tunesmith.report import (
+    make_console,
+    param_table,
+    peak_rss_mb,
+    peak_rss_reset,
+    per_class_table,
+    results_table,
+)
+from tunesmith.strategies.base import ModelParts, count_params
+
+PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: Config
+    eval: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.eval["after"]
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if (out / "eval.json").exists() and not overwrite:
+        raise UserError(f"{out} holds a finished run; pass --overwrite (overwrite: true) or choose another output_dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory")
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """train() the model, but keep fully frozen sub-modules in eval mode (no dropout, BN stats fixed)."""
+    model.train()
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                child.eval()
+            else:
+                visit(child)
+
+    visit(model)
+
+
+def _metric_better(metric: str, new: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return new < best if metric == "loss" else new > best
+
+
+def run(cfg: Config, quiet: bool = False) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    console = make_console(quiet or not main)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    out = Path(cfg.output_dir)
+    _check_output_dir(out, cfg.overwrite)
+    set_seed(cfg.train.seed)
+
+    # 1. Task and strategy by name; all data read and checked before any model loads.
+    task = TASKS.get(cfg.task)(cfg)
+    strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
+    data = task.load_data()
+    for s in (data.train, data.validation, data.test):
+        skipped = f", {s.skipped} bad rows skipped" if s.skipped else ""
+        console.print(f"data: {s.name:<10} {len(s):>6} rows from {s.source}{skipped}")
+    console.print(f"labels: {len(data.labels)} ({', '.join(data.labels[:10])}{' ...' if len(data.labels) > 10 else ''})"
+                  f"{', multi-label' if data.multi_label else ''}")
+
+    # 2. Model: the pre-trained backbone with a new head sized to the labels.
+    resolved = resolve_model(cfg.model)
+    model, head, discarded = task.load_model(resolved)
+    console.print(f"model: {cfg.model} ({resolved.source}, {resolved.path})")
+    console.print(
+        f"head: new {len(data.labels)}-way head ({', '.join(head)})"
+        + (f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else "")
+    )
+
+    # 3. Strategy: freeze, then parameter groups with lr scales.
+    groups = strategy.apply(ModelParts(model, head))
+    lr = cfg.optim.lr or strategy.default_lr
+    trainable, frozen = count_params(model)
+    console.print(param_table(groups, lr, trainable, frozen))
+    if trainable == 0:
+        raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
+
+    # 4. Tokenize once; every epoch reuses the ids.
+    enc = {s.name: task.encode(s) for s in (data.train, data.validation, data.test)}
+    for name, e in enc.items():
+        if e.truncated:
+            console.print(f"truncated: {e.truncated} of {len(e)} {name} rows exceed train.max_length={cfg.train.max_length}")
+
+    precision = resolve_precision(cfg.train.precision, device)
+    amp = autocast_dtype(precision)
+    console.print(f"device: {device.type}, {world} process(es), precision {precision}")
+    model.to(device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and main:
+        for stale in ("eval.json", "metrics.jsonl", "model"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    log = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
+
+    def write(record: dict[str, Any]) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def evaluate(split: str, features: bool = False) -> tuple[dict[str, Any], np.ndarray | None]:
+        e = enc[split]
+        logits, feats = task.predict_logits(
+            accelerator.unwrap_model(model), e, cfg.eval.batch_size, device,
+            autocast=amp, rank=rank, world=world, want_features=features,
+        )
+        if world > 1:  # each process filled its own rows; sum the disjoint parts
+            logits = np.sum(gather_object([logits]), axis=0)
+            feats = np.sum(gather_object([feats]), axis=0) if features else None
+        return task.metrics(logits, e.labels), feats
+
+    # 5. Baselines on the held-out test set: the starting model and a linear probe.
+    ev: dict[str, Any] = {}
+    if cfg.eval.before:
+        ev["before"], test_feats = evaluate("test", features=cfg.eval.linear_probe)
+        if cfg.eval.linear_probe:
+            sub = list(range(len(enc["train"])))
+            if len(sub) > PROBE_MAX_ROWS:
+                sub = sorted(np.random.default_rng(cfg.train.seed).choice(len(sub), PROBE_MAX_ROWS, replace=False).tolist())
+            train_sub = type(enc["train"])([enc["train"].input_ids[i] for i in sub],
+                                           {k: [v[i] for i in sub] for k, v in enc["train"].extra.items()},
+                                           enc["train"].labels[sub], 0)
+            _, train_feats = task.predict_logits(
+                accelerator.unwrap_model(model), train_sub, cfg.eval.batch_size, device, autocast=amp, want_features=True
+            )
+            ev["linear_probe"] = linear_probe(
+                train_feats, train_sub.labels.numpy(), test_feats, enc["test"].labels.numpy(),
+                data.labels, data.multi_label, cfg.train.seed,
+            )
+            ev["linear_probe"]["train_rows"] = len(sub)
+
+    # 6. Optimizer and schedule from the strategy's groups.
+    batches_per_epoch = math.ceil(len(enc["train"]) / cfg.optim.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum)
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    optimizer = build_optimizer(groups, cfg.optim, lr)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable_params = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+
+    # 7. Train.
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+    bar = progress.add_task("train", total=total_steps, epoch=1, loss="-", speed="-")
+    best_metric: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_step, evals_without_gain, stopped_early = 0, 0, False
+    step, samples, tokens, train_time = 0, 0, 0, 0.0
+    running_loss = torch.zeros((), device=device)
+    running_n = 0
+    set_train_mode(model)
+    peak_rss_reset()
+
+    def validate(epoch: int) -> bool:
+        """Evaluate on validation, keep the best weights; True when early stopping says stop."""
+        nonlocal best_metric, best_state, best_step, evals_without_gain
+        m, _ = evaluate("validation")
+        write({"type": "eval", "split": "validation", "step": step, "epoch": epoch,
+               **{k: v for k, v in m.items() if k not in ("per_class", "confusion_matrix")}})
+        value = m[cfg.train.metric]
+        if _metric_better(cfg.train.metric, value, best_metric):
+            best_metric, best_step, evals_without_gain = value, step, 0
+            # a CPU copy of the trainable weights only: frozen ones cannot change
+            best_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable_params}
+        else:
+            evals_without_gain += 1
+        progress.console.print(f"step {step}: validation {cfg.train.metric} {value:.4f} (best {best_metric:.4f} at step {best_step})")
+        set_train_mode(model)
+        return bool(cfg.train.early_stopping) and evals_without_gain >= cfg.train.early_stopping
+
+    with progress if not (quiet or not main) else contextlib.nullcontext():
+        for epoch in range(1, cfg.optim.epochs + 1):
+            progress.update(bar, epoch=epoch)
+            batches = make_batches(enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
+                                   group_by_length=cfg.train.group_by_length)
+            if world > 1:  # every process must step together: drop a final batch too small to split
+                batches = [b for b in batches if len(b) >= world]
+            t0 = time.perf_counter()
+            for w in range(0, len(batches), cfg.optim.grad_accum):
+                window = batches[w : w + cfg.optim.grad_accum]
+                window_size = sum(len(b) for b in window)
+                for j, global_batch in enumerate(window):
+                    idx = shard(global_batch, rank, world)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(enc["train"], idx).items()}
+                    # Gradients are all-reduced only on the last micro-batch of the window.
+                    sync = j == len(window) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                            loss = task.step(model, batch)["loss"]
+                        # weight by this batch's share of the window: exact mean over all its examples
+                        accelerator.backward(loss * (len(global_batch) / window_size))
+                    running_loss += loss.detach() * len(idx)
+                    running_n += len(idx)
+                    tokens += int(batch["attention_mask"].sum()) * world
+                if cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples += window_size
+                progress.advance(bar)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    elapsed = train_time + time.perf_counter() - t0
+                    mean_loss = running_loss.item() / max(running_n, 1)  # host-device sync, once per log step
+                    running_loss.zero_()
+                    running_n = 0
+                    speed = samples / elapsed
+                    progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{speed:.1f}")
+                    write({"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
+                           "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed})
+                if cfg.eval.every_epoch and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    train_time += time.perf_counter() - t0
+                    stop = validate(epoch)
+                    t0 = time.perf_counter()
+                    if stop:
+                        stopped_early = True
+                        break
+            train_time += time.perf_counter() - t0
+            if stopped_early:
+                break
+            if cfg.eval.every_epoch and not cfg.train.eval_every and validate(epoch):
+                stopped_early = True
+                break
+    train_peak = peak_rss_mb()
+
+    # 8. Best weights back, final evaluation on the held-out test set.
+    unwrapped = accelerator.unwrap_model(model)
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in unwrapped.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n].to(p.device))
+        if stopped_early or best_step != step:
+            console.print(f"restored the best weights (step {best_step}, validation {cfg.train.metric} {best_metric:.4f})")
+    unwrapped.eval()
+    ev["after"], _ = evaluate("test")
+    ev["train"] = {
+        "runtime_s": train_time,
+        "samples_per_s": samples / train_time if train_time else 0.0,
+        "tokens_per_s": tokens / train_time if train_time else 0.0,
+        "peak_rss_mb": train_peak,
+        "steps": step,
+        "epochs_run": epoch,
+        "stopped_early": stopped_early,
+        "best_step": best_step,
+        "precision": precision,
+        "processes": world,
+        "device": device.type,
+    }
+    ev["data"] = {
+        s.name: {"rows": len(s), "source": s.source, "skipped": s.skipped, "truncated": enc[s.name].truncated}
+        for s in (data.train, data.validation, data.test)
+    }
+    ev["labels"] = data.labels
+    ev["strategy"] = strategy.name
+    ev["model"] = cfg.model
+    ev["validation_best"] = {cfg.train.metric: best_metric, "step": best_step} if best_metric is not None else None
+
+    # 9. Artifacts: model/ first (written aside, then renamed), eval.json last marks the run finished.
+    accelerator.wait_for_everyone()
+    if main:
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        task.save(unwrapped, tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(tmp, out / "model")
+        log.close()
+        tmp_eval = out / "eval.json.tmp"
+        tmp_eval.write_text(json.dumps(ev, indent=2), encoding="utf-8")
+        os.replace(tmp_eval, out / "eval.json")
+        console.print(results_table(ev))
+        if len(data.labels) <= 30:
+            console.print(per_class_table(ev["after"]))
+        console.print(
+            f"train: {ev['train']['runtime_s']:.1f} s, {ev['train']['samples_per_s']:.1f} samples/s, "
+            f"peak RSS {train_peak:.0f} MB; run directory: {out}"
+        )
+    accelerator.wait_for_everyone()
+    return RunResult(out, cfg, ev)

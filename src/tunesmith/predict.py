@@ -1,0 +1,87 @@
+"""Use a finished run: load its model and predict labels with probabilities."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunesmith.errors import UserError
+
+
+@dataclass
+class Prediction:
+    label: str | list[str]
+    probabilities: dict[str, float]
+
+
+class TextClassifier:
+    """A fine-tuned text classifier loaded from a run directory (or its model/ folder)."""
+
+    def __init__(self, run_dir: str | Path, device: str | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(run_dir)
+        model_dir = path / "model" if (path / "model").is_dir() else path
+        if not (model_dir / "config.json").exists():
+            raise UserError(f"{run_dir} is not a finished tunesmith run (no model/config.json)")
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        cfg = self.model.config
+        self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
+        self.multi_label = cfg.problem_type == "multi_label_classification"
+        run_cfg = path / "config.yaml"
+        self.max_length = 128
+        if run_cfg.exists():
+            import yaml
+
+            self.max_length = yaml.safe_load(run_cfg.read_text())["train"]["max_length"]
+
+    @torch.no_grad()
+    def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        from tunesmith.data.batching import make_batches, pad_batch
+
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for b in make_batches([len(x) for x in ids], batch_size, seed=0, epoch=0, shuffle=False):
+            batch = pad_batch([ids[i] for i in b], self.tokenizer.pad_token_id or 0)
+            out[b] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu().numpy()
+        return out
+
+    def predict(self, texts: str | list[str], batch_size: int = 64) -> list[Prediction]:
+        if isinstance(texts, str):
+            texts = [texts]
+        logits = self.logits(list(texts), batch_size)
+        preds = []
+        for row in logits:
+            if self.multi_label:
+                p = 1 / (1 + np.exp(-row))
+                label: Any = [self.labels[i] for i in np.flatnonzero(p > 0.5)]
+            else:
+                e = np.exp(row - row.max())
+                p = e / e.sum()
+                label = self.labels[int(p.argmax())]
+            preds.append(Prediction(label, {l: float(v) for l, v in zip(self.labels, p)}))
+        return preds
+
+    __call__ = predict
+
+
+def load(run_dir: str | Path, device: str | None = None) -> TextClassifier:
+    """Load a finished run (or a model directory it wrote) as a predictor."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise UserError(f"run directory {path} does not exist")
+    info = path / "eval.json"
+    if info.exists():
+        task = json.loads(info.read_text()).get("task", "text-classification")
+        if task != "text-classification":
+            raise UserError(f"{path}: task '{task}' has no predictor yet")
+    return TextClassifier(path, device)

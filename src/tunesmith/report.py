@@ -1,0 +1,76 @@
+"""Console output: the printer the loop talks to, and the tables users read."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def make_console(quiet: bool) -> Console:
+    return Console(stderr=False, quiet=quiet, highlight=False, soft_wrap=True)
+
+
+def peak_rss_reset() -> None:
+    """Reset the kernel's peak-RSS counter so the next reading covers one phase only (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def param_table(groups: list[Any], lr: float, trainable: int, frozen: int) -> Table:
+    t = Table(title=f"parameters: {trainable:,} trainable, {frozen:,} frozen", title_justify="left")
+    t.add_column("group")
+    t.add_column("params", justify="right")
+    t.add_column("lr", justify="right")
+    for g in groups:
+        t.add_row(g.name, f"{g.numel:,}", f"{lr * g.lr_scale:.2e}")
+    return t
+
+
+def results_table(ev: dict[str, Any]) -> Table:
+    cols = [(k, ev[k]) for k in ("before", "linear_probe", "after") if isinstance(ev.get(k), dict)]
+    names = {"before": "before (new head)", "linear_probe": "linear probe", "after": "after fine-tuning"}
+    t = Table(title="held-out test set", title_justify="left")
+    t.add_column("metric")
+    for k, _ in cols:
+        t.add_column(names[k], justify="right")
+    for metric in ("accuracy", "macro_f1", "micro_f1", "loss"):
+        if any(metric in m for _, m in cols):
+            t.add_row(metric, *[f"{m[metric]:.4f}" if metric in m else "-" for _, m in cols])
+    return t
+
+
+def per_class_table(metrics: dict[str, Any], limit: int = 30) -> Table:
+    t = Table(title="per class (after)", title_justify="left")
+    for c in ("class", "precision", "recall", "f1", "support"):
+        t.add_column(c, justify="left" if c == "class" else "right")
+    for i, (name, m) in enumerate(metrics["per_class"].items()):
+        if i >= limit:
+            t.add_row(f"... {len(metrics['per_class']) - limit} more", "", "", "", "")
+            break
+        t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    return t
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"

@@ -1,0 +1,3 @@
+"""Tasks: what the model learns. Each registers itself by name."""
+
+from tunesmith.tasks import text_classification  # noqa: F401  (registers it)

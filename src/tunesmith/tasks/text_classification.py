@@ -1,0 +1,235 @@
+"""`text-classification`: a pre-trained text encoder plus a new classification head.
+
+Single-label (softmax, cross-entropy) or multi-label (sigmoid, binary cross-entropy) decided by
+the data. The head is the model family's own `*ForSequenceClassification` head, sized to the
+user's labels; a pre-trained head of another size is discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.data.batching import make_batches, pad_batch, shard
+from tunesmith.data.text import (
+    TextSet,
+    check_known_labels,
+    is_multi_label,
+    label_names,
+    read_text_set,
+    stratified_split,
+)
+from tunesmith.errors import UserError
+from tunesmith.models import ResolvedModel
+from tunesmith.registry import TASKS
+
+# Validation metrics the best-model choice may use; 'loss' is minimised, the rest maximised.
+METRICS = ["accuracy", "macro_f1", "micro_f1", "loss"]
+
+
+@dataclass
+class Encoded:
+    """A tokenized text set, ready for batching."""
+
+    input_ids: list[list[int]]
+    extra: dict[str, list[list[int]]]  # token_type_ids for sentence pairs
+    labels: torch.Tensor | None  # (N,) long, or (N, C) float for multi-label
+    truncated: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PreparedData:
+    train: TextSet
+    validation: TextSet
+    test: TextSet
+    labels: list[str]
+    multi_label: bool
+
+
+@TASKS.register("text-classification")
+class TextClassification:
+    name = "text-classification"
+    metrics = METRICS
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.tokenizer: Any = None
+        self.labels: list[str] = []
+        self.multi_label = False
+
+    # -- data ---------------------------------------------------------------------------------
+    def load_data(self) -> PreparedData:
+        d = self.config.data
+        train = read_text_set(d.train, d, "train")
+        given = {n: read_text_set(p, d, n) for n, p in (("validation", d.validation), ("test", d.test)) if p}
+        multi = is_multi_label([train, *given.values()], d)
+        missing = {n: getattr(d, f"{n}_size") for n in ("validation", "test") if n not in given}
+        if missing:
+            parts = stratified_split(train, missing, self.config.train.seed, multi)
+            train = parts.pop("train")
+            given.update(parts)
+        names = label_names(train, multi)
+        if len(names) < 2:
+            raise UserError(
+                f"{d.train}: only one label ('{names[0]}') in the training data; a classifier needs at least 2 classes"
+            )
+        for s in given.values():
+            check_known_labels(s, names, multi)
+        self.labels, self.multi_label = names, multi
+        return PreparedData(train, given["validation"], given["test"], names, multi)
+
+    # -- model --------------------------------------------------------------------------------
+    def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
+        """The backbone with a new head; returns (model, head parameter names, discarded keys)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = str(resolved.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            hf_config = AutoConfig.from_pretrained(
+                path,
+                num_labels=len(self.labels),
+                id2label=dict(enumerate(self.labels)),
+                label2id={l: i for i, l in enumerate(self.labels)},
+                problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model '{resolved.spec}' from {path}: {str(e).splitlines()[0]}") from None
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # we report the new head ourselves, in one line
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=hf_config, ignore_mismatched_sizes=True, output_loading_info=True
+                )
+        except ValueError as e:
+            raise UserError(f"model '{resolved.spec}' has no sequence-classification head class: {str(e).splitlines()[0]}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        fresh = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])}
+        head = [n for n, _ in model.named_parameters() if n in fresh]
+        discarded = sorted(set(info.get("unexpected_keys", [])) | {m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])})
+        if not head:  # a checkpoint that already had a head of exactly this size: retrain its classifier
+            head = [n for n, _ in model.named_parameters() if n.startswith(_classifier_prefix(model))]
+        return model, head, discarded
+
+    # -- batches ------------------------------------------------------------------------------
+    def encode(self, s: TextSet) -> Encoded:
+        max_length = self.config.train.max_length
+        kwargs = {"text_pair": s.pairs} if s.pairs is not None else {}
+        full = self.tokenizer(s.texts, truncation=False, **kwargs)
+        ids = full["input_ids"]
+        truncated = sum(1 for x in ids if len(x) > max_length)
+        if truncated:
+            enc = self.tokenizer(s.texts, truncation=True, max_length=max_length, **kwargs)
+            ids = enc["input_ids"]
+        else:
+            enc = full
+        extra = {"token_type_ids": enc["token_type_ids"]} if s.pairs is not None and "token_type_ids" in enc else {}
+        return Encoded(ids, extra, self._label_tensor(s.labels) if s.labels and s.labels[0] is not None else None, truncated)
+
+    def _label_tensor(self, labels: list[Any]) -> torch.Tensor:
+        index = {l: i for i, l in enumerate(self.labels)}
+        if self.multi_label:
+            t = torch.zeros(len(labels), len(self.labels))
+            for row, ls in enumerate(labels):
+                t[row, [index[l] for l in ls]] = 1.0
+            return t
+        return torch.tensor([index[l] for l in labels], dtype=torch.long)
+
+    def collate(self, enc: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = pad_batch(
+            [enc.input_ids[i] for i in idx],
+            self.tokenizer.pad_token_id or 0,
+            {k: [v[i] for i in idx] for k, v in enc.extra.items()},
+        )
+        if enc.labels is not None:
+            batch["labels"] = enc.labels[idx]
+        return batch
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward pass; returns a dict with the required `loss` and the logits."""
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        if self.multi_label:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        else:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return {"loss": loss, "logits": logits}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_logits(
+        self, model: nn.Module, enc: Encoded, batch_size: int, device: torch.device, *,
+        autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits in the original row order (and mean-pooled last hidden states if asked)."""
+        was_training = model.training
+        model.eval()
+        logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
+        feats = None
+        batches = make_batches(enc.lengths, batch_size, seed=0, epoch=0, shuffle=False)
+        for b in batches:
+            b = shard(b, rank, world)
+            if not b:
+                continue
+            batch = {k: v.to(device) for k, v in self.collate(enc, b).items() if k != "labels"}
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                out = model(**batch, output_hidden_states=want_features)
+            logits[b] = out.logits.float().cpu().numpy()
+            if want_features:
+                h = out.hidden_states[-1].float()
+                m = batch["attention_mask"].unsqueeze(-1).float()
+                pooled = ((h * m).sum(1) / m.sum(1)).cpu().numpy()
+                if feats is None:
+                    feats = np.zeros((len(enc), pooled.shape[1]), dtype=np.float32)
+                feats[b] = pooled
+        model.train(was_training)
+        return logits, feats
+
+    def metrics(self, logits: np.ndarray, labels: torch.Tensor) -> dict[str, Any]:
+        from tunesmith.metrics import classification_metrics
+
+        return classification_metrics(logits, labels.numpy(), self.labels, self.multi_label)
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    for name in ("classifier", "score", "head", "classification_head"):
+        if hasattr(model, name):
+            return name + "."
+    names = [n for n, _ in model.named_parameters()]
+    return names[-1].rsplit(".", 1)[0] + "."
+
+
+logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars: noise in our output
+
+
+_quiet_transformers()

@@ -1,0 +1,105 @@
+"""Tiny models and data built in code: nothing is downloaded, every test runs in seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+
+POS = "great superb lovely moving brilliant delightful charming fresh witty wonderful".split()
+NEG = "dull boring awful tedious clumsy bland messy stale weak terrible".split()
+NEU = "the a film movie story plot actor scene script director it was is and of this".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_texts(n: int, seed: int, classes: tuple[str, ...] = ("pos", "neg")) -> list[tuple[str, str]]:
+    """Synthetic reviews whose label is decided by which sentiment words they contain."""
+    rng = random.Random(seed)
+    words = {"pos": POS, "neg": NEG, "neu": NEU}
+    pools = [POS, NEG, NEU]
+    for i, c in enumerate(classes):  # any other class name gets a word pool of its own
+        words.setdefault(c, pools[i % 3])
+    rows = []
+    for i in range(n):
+        label = classes[i % len(classes)]
+        k = rng.randint(3, 14)
+        toks = [rng.choice(NEU) for _ in range(k)] + [rng.choice(words[label]) for _ in range(rng.randint(1, 3))]
+        rng.shuffle(toks)
+        rows.append((" ".join(toks), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label"), delimiter=",") -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT, hidden size 32, with a word-level tokenizer, saved in Hugging Face format."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = SPECIAL + sorted(set(POS + NEG + NEU))
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizer(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # exact comparisons across runs
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    write_csv(d / "train.csv", make_texts(96, seed=1))
+    write_csv(d / "validation.csv", make_texts(32, seed=2))
+    write_csv(d / "test.csv", make_texts(32, seed=3))
+    return d
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, data_dir, tmp_path):
+    """A config dict for the tiny model and data; keyword sections update it."""
+
+    def make(**sections) -> dict:
+        cfg = {
+            "task": "text-classification",
+            "model": str(tiny_model_dir),
+            "data": {k: str(data_dir / f"{k}.csv") for k in ("train", "validation", "test")},
+            "strategy": {"name": "full"},
+            "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0},
+            "train": {"max_length": 32, "seed": 0, "log_every": 1},
+            "eval": {"linear_probe": False},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for k, v in sections.items():
+            if isinstance(v, dict):
+                cfg.setdefault(k, {}).update(v)
+            else:
+                cfg[k] = v
+        return cfg
+
+    return make
