@@ -58,7 +58,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-bert")
     vocab = SPECIAL + sorted(set(POS + NEG + NEU))
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizer(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64,

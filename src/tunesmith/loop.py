@@ -117,7 +117,8 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     groups = strategy.apply(ModelParts(model, head))
     lr = cfg.optim.lr or strategy.default_lr
     trainable, frozen = count_params(model)
-    console.print(param_table(groups, lr, trainable, frozen))
+    console.print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
+    console.print(param_table(groups, lr))
     if trainable == 0:
         raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
 

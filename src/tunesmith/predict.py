@@ -30,8 +30,15 @@ class TextClassifier:
         if not (model_dir / "config.json").exists():
             raise UserError(f"{run_dir} is not a finished tunesmith run (no model/config.json)")
         self.model_dir = model_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         cfg = self.model.config

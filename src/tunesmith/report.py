@@ -37,8 +37,8 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def param_table(groups: list[Any], lr: float, trainable: int, frozen: int) -> Table:
-    t = Table(title=f"parameters: {trainable:,} trainable, {frozen:,} frozen", title_justify="left")
+def param_table(groups: list[Any], lr: float) -> Table:
+    t = Table()
     t.add_column("group")
     t.add_column("params", justify="right")
     t.add_column("lr", justify="right")
