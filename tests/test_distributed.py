@@ -1,0 +1,47 @@
+"""Two CPU processes (gloo) through torchrun: the same loop, identical weights on both ranks,
+and the same result as one process with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_each_other_and_one_process(make_config, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    results = {}
+    for world in (2, 1):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        # batch 16 splits into 8 + 8: same examples per step as one process with batch 16
+        cfg = make_config(output_dir=str(out / "run"), optim={"epochs": 2, "batch_size": 16})
+        (out / "cfg.json").write_text(json.dumps(cfg))
+        if world == 1:
+            cmd = [sys.executable, str(WORKER), str(out / "cfg.json"), str(out)]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out / "cfg.json"), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[world] = out
+    info = [json.loads((results[2] / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world"] for i in info] == [2, 2] and info[0]["steps"] == info[1]["steps"] == 12
+    r0, r1 = (load_file(str(results[2] / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(results[1] / "rank0.safetensors"))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+        torch.testing.assert_close(r0[k], single[k], atol=2e-4, rtol=1e-3, msg=f"1 vs 2 processes differ in {k}")
+    assert (results[2] / "run" / "eval.json").exists()
