@@ -126,3 +126,16 @@ def test_linear_probe_baseline(make_config):
     res = tunesmith.train(make_config(eval={"linear_probe": True}, optim={"epochs": 1}), quiet=True)
     probe = res.eval["linear_probe"]
     assert 0 <= probe["accuracy"] <= 1 and probe["train_rows"] == 96
+
+
+def test_truncated_rows_are_counted(make_config, tiny_model_dir, data_dir):
+    import csv
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [r["text"] for r in csv.DictReader(open(data_dir / "train.csv"))]
+    expected = sum(1 for ids in tok(texts)["input_ids"] if len(ids) > 10)
+    assert 0 < expected < len(texts)
+    res = tunesmith.train(make_config(train={"max_length": 10}, optim={"epochs": 1}), quiet=True)
+    assert res.eval["data"]["train"]["truncated"] == expected

@@ -134,14 +134,18 @@ class TextClassification:
     def encode(self, s: TextSet) -> Encoded:
         max_length = self.config.train.max_length
         kwargs = {"text_pair": s.pairs} if s.pairs is not None else {}
-        full = self.tokenizer(s.texts, truncation=False, **kwargs)
-        ids = full["input_ids"]
-        truncated = sum(1 for x in ids if len(x) > max_length)
-        if truncated:
-            enc = self.tokenizer(s.texts, truncation=True, max_length=max_length, **kwargs)
-            ids = enc["input_ids"]
-        else:
-            enc = full
+        enc = self.tokenizer(s.texts, truncation=True, max_length=max_length, **kwargs)
+        ids = enc["input_ids"]
+        # Only rows that came out exactly max_length long can have been cut: re-tokenize just those.
+        full_len = [i for i, x in enumerate(ids) if len(x) == max_length]
+        truncated = 0
+        if full_len:
+            again = self.tokenizer(
+                [s.texts[i] for i in full_len],
+                text_pair=[s.pairs[i] for i in full_len] if s.pairs is not None else None,
+                truncation=False,
+            )["input_ids"]
+            truncated = sum(1 for x in again if len(x) > max_length)
         extra = {"token_type_ids": enc["token_type_ids"]} if s.pairs is not None and "token_type_ids" in enc else {}
         return Encoded(ids, extra, self._label_tensor(s.labels) if s.labels and s.labels[0] is not None else None, truncated)
 
