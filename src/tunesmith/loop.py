@@ -141,7 +141,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if main:
         save_config(cfg, out / "config.yaml")
-    log = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
+    log = open(out / "metrics.jsonl", "w", encoding="utf-8") if main else None
 
     def write(record: dict[str, Any]) -> None:
         if log:
@@ -246,7 +246,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
                         accelerator.backward(loss * (len(global_batch) / window_size))
                     running_loss += loss.detach() * len(idx)
                     running_n += len(idx)
-                    tokens += int(batch["attention_mask"].sum()) * world
+                    tokens += sum(len(enc["train"].input_ids[i]) for i in global_batch)  # host-side: no device sync
                 if cfg.optim.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()

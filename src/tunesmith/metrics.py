@@ -13,39 +13,54 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: list[str], multi_label: bool) -> dict[str, Any]:
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b with 0 where b == 0 (scikit-learn's zero_division=0)."""
+    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b != 0)
 
+
+def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tp, fp, fn = (x.astype(np.float64) for x in (tp, fp, fn))
+    return _div(tp, tp + fp), _div(tp, tp + fn), _div(2 * tp, 2 * tp + fp + fn)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: list[str], multi_label: bool) -> dict[str, Any]:
+    """Plain NumPy (no scikit-learn import on the hot path: it costs ~50 MB of resident memory)."""
     k = len(names)
+    logits = np.asarray(logits, dtype=np.float64)
     if multi_label:
-        pred = (logits > 0).astype(int)
         y = labels.astype(int)
-        p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        pred = (logits > 0).astype(int)
+        p = 1 / (1 + np.exp(-logits))
         eps = 1e-12
         loss = float(-(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)).mean())
-        accuracy = float((pred == y).all(axis=1).mean())  # exact match (subset accuracy)
-        prec, rec, f1, sup = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+        tp, fp, fn = (pred & y).sum(0), (pred & (1 - y)).sum(0), ((1 - pred) & y).sum(0)
+        prec, rec, f1 = _prf(tp, fp, fn)
+        support = y.sum(0)
+        micro = _prf(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))[2][0]
         out: dict[str, Any] = {
-            "accuracy": accuracy,
-            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-            "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+            "accuracy": float((pred == y).all(axis=1).mean()),  # exact match (subset accuracy)
+            "macro_f1": float(f1.mean()),
+            "micro_f1": float(micro),
             "loss": loss,
         }
     else:
-        pred = logits.argmax(axis=1)
         y = labels.astype(int)
-        probs = _softmax(logits.astype(np.float64))
+        pred = logits.argmax(axis=1)
+        probs = _softmax(logits)
         loss = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
-        prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=list(range(k)), average=None, zero_division=0)
+        cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)  # rows: true, columns: predicted
+        tp = np.diag(cm)
+        prec, rec, f1 = _prf(tp, cm.sum(0) - tp, cm.sum(1) - tp)
+        support = cm.sum(1)
         out = {
             "accuracy": float((pred == y).mean()),
-            "macro_f1": float(f1_score(y, pred, labels=list(range(k)), average="macro", zero_division=0)),
-            "micro_f1": float(f1_score(y, pred, labels=list(range(k)), average="micro", zero_division=0)),
+            "macro_f1": float(f1.mean()),
+            "micro_f1": float((pred == y).mean()),  # equals accuracy for single-label over all classes
             "loss": loss,
-            "confusion_matrix": confusion_matrix(y, pred, labels=list(range(k))).tolist(),
+            "confusion_matrix": cm.tolist(),
         }
     out["per_class"] = {
-        name: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
+        name: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])}
         for i, name in enumerate(names)
     }
     out["n"] = int(len(labels))

@@ -79,7 +79,8 @@ def resolve_model(spec: str) -> ResolvedModel:
                 "model directory (config.json + weights + tokenizer files)"
             )
         return ResolvedModel(spec, path, "local")
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1 or path.suffix:
+    # a hub id is `name` or `org/name` (dots allowed: `BAAI/bge-small-en-v1.5`); anything else is a path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
         raise UserError(f"model directory {spec} does not exist")
     return _resolve_hub(spec)
 
