@@ -102,6 +102,7 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
+    import numpy as np
     from rich.console import Console
 
     from tunesmith.config import DataConfig
@@ -118,13 +119,11 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     check_known_labels(s, clf.labels, clf.multi_label)
     index = {l: i for i, l in enumerate(clf.labels)}
     if clf.multi_label:
-        import numpy as np
-
         y = np.zeros((len(s), len(clf.labels)))
         for r, ls in enumerate(s.labels):
             y[r, [index[l] for l in ls]] = 1
     else:
-        y = __import__("numpy").array([index[l] for l in s.labels])
+        y = np.array([index[l] for l in s.labels])
     m = classification_metrics(clf.logits(s.texts), y, clf.labels, clf.multi_label)
     if a.json:
         print(json.dumps(m, indent=2))
