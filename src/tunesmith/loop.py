@@ -167,9 +167,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
             sub = list(range(len(enc["train"])))
             if len(sub) > PROBE_MAX_ROWS:
                 sub = sorted(np.random.default_rng(cfg.train.seed).choice(len(sub), PROBE_MAX_ROWS, replace=False).tolist())
-            train_sub = type(enc["train"])([enc["train"].input_ids[i] for i in sub],
-                                           {k: [v[i] for i in sub] for k, v in enc["train"].extra.items()},
-                                           enc["train"].labels[sub], 0)
+            train_sub = enc["train"].subset(sub)
             _, train_feats = task.predict_logits(
                 accelerator.unwrap_model(model), train_sub, cfg.eval.batch_size, device, autocast=amp, want_features=True
             )

@@ -51,6 +51,14 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, idx: list[int]) -> "Encoded":
+        return Encoded(
+            [self.input_ids[i] for i in idx],
+            {k: [v[i] for i in idx] for k, v in self.extra.items()},
+            self.labels[idx] if self.labels is not None else None,
+            0,
+        )
+
 
 @dataclass
 class PreparedData:
