@@ -13,6 +13,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
 
+
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path, monkeypatch):
+    """Feature caches go to the test's own directory, never ~/.cache."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+
 POS = "great superb lovely moving brilliant delightful charming fresh witty wonderful".split()
 NEG = "dull boring awful tedious clumsy bland messy stale weak terrible".split()
 NEU = "the a film movie story plot actor scene script director it was is and of this".split()

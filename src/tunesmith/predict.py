@@ -37,6 +37,9 @@ class TextClassifier:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+            from tunesmith.strategies.feature_extraction import restore_custom_head
+
+            restore_custom_head(self.model, model_dir)  # an MLP head from feature-extraction
         finally:
             hf_logging.set_verbosity(verbosity)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -37,12 +37,22 @@ def peak_rss_mb() -> float:
 
 
 def param_table(groups: list[Any], lr: float) -> Table:
-    t = Table()
+    t = Table(title="parameter groups", title_justify="left")
     t.add_column("group")
     t.add_column("params", justify="right")
+    t.add_column("trainable now", justify="right")
     t.add_column("lr", justify="right")
     for g in groups:
-        t.add_row(g.name, f"{g.numel:,}", f"{lr * g.lr_scale:.2e}")
+        t.add_row(g.name, f"{g.numel:,}", f"{g.trainable:,}", f"{lr * g.lr_scale:.2e}")
+    return t
+
+
+def moved_table(moved: dict[str, float]) -> Table:
+    t = Table(title="how far the pre-trained weights moved (relative L2, ||w - w0|| / ||w0||)", title_justify="left")
+    t.add_column("group")
+    t.add_column("moved", justify="right")
+    for g, v in moved.items():
+        t.add_row(g, f"{v:.2e}")
     return t
 
 

@@ -1,16 +1,24 @@
-"""The strategy protocol and parameter groups.
+"""The strategy protocol, parameter groups and the helpers strategies share.
 
 A strategy freezes what must not train and returns named parameter groups, each with an lr
-scale. The optimizer is built from these groups in one place (`tunesmith.optim`).
+scale. The optimizer is built from these groups in one place (`tunesmith.optim`). Strategies may
+also change the trainable set during training (`update`), wrap the model (LoRA), or replace the
+data the loop sees (feature extraction); the hooks have no-op defaults in `BaseStrategy`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from tunesmith.errors import UserError
+from tunesmith.models.layers import LayerGroups, layer_groups
 
 
 @dataclass
@@ -22,6 +30,10 @@ class ParamGroup:
     @property
     def numel(self) -> int:
         return sum(p.numel() for _, p in self.params)
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for _, p in self.params if p.requires_grad)
 
 
 @dataclass
@@ -35,14 +47,38 @@ class ModelParts:
         head = set(self.head)
         return [(n, p) for n, p in self.model.named_parameters() if (n in head) == (which == "head")]
 
+    @cached_property
+    def layers(self) -> LayerGroups:
+        return layer_groups(self.model, self.head)
 
-class Strategy(Protocol):
-    name: str
-    default_lr: float
+    def params(self, names: list[str]) -> list[tuple[str, nn.Parameter]]:
+        named = dict(self.model.named_parameters())
+        return [(n, named[n]) for n in names]
+
+
+class BaseStrategy:
+    """Defaults for the optional hooks; a strategy overrides `apply` and what it needs."""
+
+    name = "base"
+    default_lr = 2e-5
+    description = ""
+    trains_backbone = True  # False: pre-trained weights never move (no l2sp, no weight-moved report)
+
+    def __init__(self, config: Any = None):
+        self.config = config
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
-        """Freeze what does not train (requires_grad=False); return the groups that do."""
-        ...
+        """Freeze what does not train (requires_grad=False); return the groups the optimizer gets."""
+        raise NotImplementedError
+
+    def update(self, step: int, epoch: int) -> str | None:
+        """Called before each optimizer step; returns a message when the trainable set changed."""
+        return None
+
+    def save(self, model: nn.Module, task: Any, directory: Path) -> nn.Module:
+        """Write the model in plain Hugging Face format; returns the model that stays valid."""
+        task.save(model, directory)
+        return model
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -55,3 +91,32 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def freeze(params: list[tuple[str, torch.nn.Parameter]]) -> None:
     for _, p in params:
         p.requires_grad_(False)
+
+
+def unfreeze(params: list[tuple[str, torch.nn.Parameter]]) -> None:
+    for _, p in params:
+        p.requires_grad_(True)
+
+
+def layer_param_groups(parts: ModelParts, layer_decay: float | None) -> list[ParamGroup]:
+    """One group per layer group, bottom to top; lr scale layer_decay^(distance from the head).
+
+    Without layer_decay every group has scale 1 (the groups still show where parameters sit).
+    """
+    decay = layer_decay or 1.0
+    return [ParamGroup(name, parts.params(names), decay**dist) for name, names, dist in parts.layers.ordered() if names]
+
+
+def match_patterns(names: list[str], patterns: list[str]) -> dict[str, list[str]]:
+    """Pattern -> matching parameter names (glob, `fnmatch` rules); an unmatched pattern is an error."""
+    out = {}
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            example = names[len(names) // 2] if names else ""
+            raise UserError(
+                f"strategy.freeze_patterns: '{pat}' matches no parameter; names look like '{example}' "
+                "(glob: '*' matches any run of characters, e.g. '*.attention.*')"
+            )
+        out[pat] = hits
+    return out

@@ -1,21 +1,24 @@
-"""`full`: every weight trains, at a low learning rate so the pre-trained features survive."""
+"""`full`: every weight trains, at a low learning rate so the pre-trained features survive.
+
+With `layer_decay` the learning rates are discriminative: the head gets `lr`, each block below
+it `layer_decay` times the block above (ULMFiT's discriminative fine-tuning, BEiT/ELECTRA's
+layer-wise decay).
+"""
 
 from __future__ import annotations
 
 from tunesmith.registry import STRATEGIES
-from tunesmith.strategies.base import ModelParts, ParamGroup
+from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, layer_param_groups, unfreeze
 
 
 @STRATEGIES.register("full")
-class Full:
+class Full(BaseStrategy):
     name = "full"
     default_lr = 2e-5
-    description = "every weight trains (low learning rate)"
-
-    def __init__(self, config=None):
-        self.config = config
+    description = "every weight trains (low learning rate); layer_decay for discriminative rates"
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
-        for _, p in parts.model.named_parameters():
-            p.requires_grad_(True)
+        unfreeze(list(parts.model.named_parameters()))
+        if self.config is not None and self.config.layer_decay is not None:
+            return layer_param_groups(parts, self.config.layer_decay)
         return [ParamGroup("backbone", parts.named("backbone")), ParamGroup("head", parts.named("head"))]

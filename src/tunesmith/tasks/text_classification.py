@@ -19,6 +19,7 @@ from torch import nn
 
 from tunesmith.config import Config
 from tunesmith.data.batching import make_batches, pad_batch, shard
+from tunesmith.data.features import Features
 from tunesmith.data.text import (
     TextSet,
     check_known_labels,
@@ -50,6 +51,12 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def concat(self, other: "Encoded") -> "Encoded":
+        """This set followed by `other` (replay rows appended after the training rows)."""
+        labels = torch.cat([self.labels, other.labels]) if self.labels is not None and other.labels is not None else None
+        extra = {k: v + other.extra[k] for k, v in self.extra.items() if k in other.extra}
+        return Encoded(self.input_ids + other.input_ids, extra, labels, self.truncated + other.truncated)
 
     def subset(self, idx: list[int]) -> "Encoded":
         return Encoded(
@@ -100,6 +107,12 @@ class TextClassification:
             check_known_labels(s, names, multi)
         self.labels, self.multi_label = names, multi
         return PreparedData(train, given["validation"], given["test"], names, multi)
+
+    def load_replay(self, path: str) -> TextSet:
+        """General-domain rows to mix into training (strategy.replay): same columns, known labels."""
+        s = read_text_set(path, self.config.data, "replay")
+        check_known_labels(s, self.labels, self.multi_label)
+        return s
 
     # -- model --------------------------------------------------------------------------------
     def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
@@ -166,7 +179,9 @@ class TextClassification:
             return t
         return torch.tensor([index[l] for l in labels], dtype=torch.long)
 
-    def collate(self, enc: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, enc: Encoded | Features, idx: list[int]) -> dict[str, torch.Tensor]:
+        if isinstance(enc, Features):
+            return enc.collate(idx)
         batch = pad_batch(
             [enc.input_ids[i] for i in idx],
             self.tokenizer.pad_token_id or 0,
@@ -193,8 +208,20 @@ class TextClassification:
         self, model: nn.Module, enc: Encoded, batch_size: int, device: torch.device, *,
         autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits in the original row order (and mean-pooled last hidden states if asked)."""
+        """Logits in the original row order (and mean-pooled last hidden states if asked).
+
+        For cached `Features` the model is the head alone, and the features are the features.
+        """
         was_training = model.training
+        if isinstance(enc, Features):
+            model.eval()
+            logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
+            if rank == 0:  # the head is cheap: one process computes all rows (the loop sums over processes)
+                for i in range(0, len(enc), batch_size):
+                    x = enc.features[i : i + batch_size].to(device)
+                    logits[i : i + len(x)] = model(features=x).logits.float().cpu().numpy()
+            model.train(was_training)
+            return logits, enc.features.numpy() if want_features else None
         model.eval()
         logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
         feats = None

@@ -1,0 +1,220 @@
+"""`feature-extraction`: run the frozen backbone once, cache its output on disk, train the head
+on the cache.
+
+The cached feature of a row is exactly what the model's own head receives (captured with a
+forward pre-hook on the head module, backbone in eval mode: no dropout, batch-norm statistics
+fixed), so the trained head drops back into the full model and `model/` is a plain Hugging Face
+model that gives the same predictions. Heads whose input is the whole sequence and that read the
+first token themselves (RoBERTa, ELECTRA) get the first token's vector cached.
+
+The cache key covers the model (its path, files' sizes and times, config), the tokenized data
+(so a changed file, tokenizer or `max_length` gives a new key), the head module and the
+precision. A second run on the same data skips the backbone entirely.
+
+`head: mlp` puts a one-hidden-layer MLP in place of a linear head; the saved config records it
+(`tunesmith_head`) and `tunesmith.load` rebuilds it (plain `from_pretrained` would not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunesmith.data.features import Features
+from tunesmith.errors import UserError
+from tunesmith.registry import STRATEGIES
+from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, freeze, unfreeze
+
+CACHE_VERSION = "tunesmith-features-1"
+
+
+def cache_root(configured: str | None) -> Path:
+    return Path(configured or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith")
+
+
+def make_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, out_features))
+
+
+def restore_custom_head(model: nn.Module, model_dir: Path) -> None:
+    """Rebuild a head that `feature-extraction` replaced (config `tunesmith_head`) and load its weights."""
+    spec = getattr(model.config, "tunesmith_head", None)
+    if not spec:
+        return
+    from safetensors.torch import load_file
+
+    old = model.get_submodule(spec["module"])
+    mlp = make_mlp(spec["in_features"], spec["hidden"], spec["out_features"])
+    parent_name, _, child = spec["module"].rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, mlp)
+    state = load_file(str(model_dir / "model.safetensors"))
+    prefix = spec["module"] + "."
+    mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    mlp.train(old.training)
+    del old
+
+
+class FeatureHead(nn.Module):
+    """The model's head applied to cached features; returns an object with `.logits` like HF models."""
+
+    def __init__(self, head: nn.Module, first_token: bool):
+        super().__init__()
+        self.head = head
+        self.first_token = first_token
+
+    def forward(self, features: torch.Tensor, **_: Any) -> SimpleNamespace:
+        x = features.unsqueeze(1) if self.first_token else features
+        return SimpleNamespace(logits=self.head(x))
+
+
+def _head_module(model: nn.Module, head: list[str]) -> str:
+    """The one module that holds every new head parameter."""
+    modules = {n.rsplit(".", 1)[0] for n in head}
+    common = os.path.commonprefix([m + "." for m in modules]).rsplit(".", 1)[0]
+    try:
+        model.get_submodule(common)
+    except AttributeError:
+        common = ""
+    if not common or any(not (m == common or m.startswith(common + ".")) for m in modules):
+        raise UserError(
+            f"feature-extraction needs the new head to be one module; this model's head is spread over "
+            f"{', '.join(sorted(modules))}: use strategy head-only"
+        )
+    return common
+
+
+def _model_identity(model: nn.Module) -> str:
+    path = Path(str(getattr(model, "name_or_path", "") or ""))
+    files = []
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                files.append((f.name, st.st_size, st.st_mtime_ns))
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg = json.dumps({k: v for k, v in cfg.items() if k != "tunesmith_head"}, sort_keys=True, default=str)
+    return json.dumps([str(path.resolve()) if str(path) else "", files, cfg])
+
+
+def _data_digest(enc: Any) -> str:
+    h = hashlib.sha256()
+    lengths = np.asarray([len(x) for x in enc.input_ids], dtype=np.int64)
+    h.update(lengths.tobytes())
+    h.update(np.asarray([t for x in enc.input_ids for t in x], dtype=np.int64).tobytes())
+    for k in sorted(enc.extra):
+        h.update(k.encode())
+        h.update(np.asarray([t for x in enc.extra[k] for t in x], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@STRATEGIES.register("feature-extraction")
+class FeatureExtraction(BaseStrategy):
+    name = "feature-extraction"
+    default_lr = 1e-3
+    description = "frozen backbone run once, features cached on disk; only the head trains on them"
+    trains_backbone = False
+
+    def apply(self, parts: ModelParts) -> list[ParamGroup]:
+        model = parts.model
+        self.head_name = _head_module(model, parts.head)
+        head = model.get_submodule(self.head_name)
+        if self.config.head == "mlp":
+            if not isinstance(head, nn.Linear):
+                raise UserError(
+                    f"strategy.head: mlp replaces a linear head, but this model's head ({self.head_name}) is a "
+                    f"{type(head).__name__}; use head: linear"
+                )
+            mlp = make_mlp(head.in_features, self.config.head_hidden, head.out_features)
+            parent, _, child = self.head_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mlp)
+            model.config.tunesmith_head = {
+                "type": "mlp", "module": self.head_name, "in_features": head.in_features,
+                "hidden": self.config.head_hidden, "out_features": head.out_features,
+            }
+            parts.head = [f"{self.head_name}.{n}" for n, _ in mlp.named_parameters()]
+        freeze(list(model.named_parameters()))
+        head_params = parts.params(parts.head)
+        unfreeze(head_params)
+        return [ParamGroup("head", head_params)]
+
+    @torch.no_grad()
+    def _extract(self, model: nn.Module, task: Any, enc: Any, device: torch.device, amp: torch.dtype | None,
+                 batch_size: int) -> torch.Tensor:
+        from tunesmith.data.batching import make_batches
+
+        head = model.get_submodule(self.head_name)
+        captured: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        model.eval()
+        feats: torch.Tensor | None = None
+        try:
+            for b in make_batches(enc.lengths, batch_size, seed=0, epoch=0, shuffle=False):
+                batch = {k: v.to(device) for k, v in task.collate(enc, b).items() if k != "labels"}
+                captured.clear()
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    model(**batch)
+                x = captured[0]
+                if x.ndim == 3:
+                    if self.first_token is None:  # does the head read only the first token itself?
+                        self.first_token = bool(torch.allclose(head(x), head(x[:, :1]), atol=1e-5))
+                        if not self.first_token:
+                            raise UserError(
+                                "feature-extraction: this model's head uses the whole sequence, which is too large "
+                                "to cache; use strategy head-only"
+                            )
+                    x = x[:, 0]
+                else:
+                    self.first_token = False
+                x = x.float().cpu()
+                if feats is None:
+                    feats = torch.zeros(len(enc), x.shape[-1])
+                feats[b] = x
+        finally:
+            handle.remove()
+        return feats if feats is not None else torch.zeros(0, 1)
+
+    def extract(self, task: Any, model: nn.Module, enc: dict[str, Any], device: torch.device,
+                amp: torch.dtype | None, batch_size: int, console: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """Features for every split, from the cache or from one backbone pass; the head to train."""
+        from safetensors.torch import load_file, save_file
+
+        root = cache_root(self.config.cache_dir) / "features"
+        identity = _model_identity(model)
+        self.first_token: bool | None = None
+        out: dict[str, Any] = {}
+        info: dict[str, Any] = {"cache_dir": str(root)}
+        for split, e in enc.items():
+            key = hashlib.sha256(
+                json.dumps([CACHE_VERSION, identity, self.head_name, str(amp), _data_digest(e)]).encode()
+            ).hexdigest()[:32]
+            path = root / f"{key}.safetensors"
+            t0 = time.perf_counter()
+            if path.exists():
+                stored = load_file(str(path))
+                feats, first = stored["features"], bool(stored["first_token"].item())
+                self.first_token = first if self.first_token is None else self.first_token
+                cached = True
+            else:
+                feats = self._extract(model, task, e, device, amp, batch_size)
+                root.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({"features": feats.contiguous(), "first_token": torch.tensor(bool(self.first_token))}, str(tmp))
+                os.replace(tmp, path)  # written aside, then renamed: a killed run leaves no half-written cache
+                cached = False
+            seconds = time.perf_counter() - t0
+            info[split] = {"rows": len(e), "cached": cached, "key": key, "seconds": seconds}
+            console.print(f"features: {split} {len(e)} rows, {'read from cache' if cached else 'computed'} "
+                          f"in {seconds:.1f} s ({path})")
+            out[split] = Features(feats, e.labels)
+        info["dim"] = int(next(iter(out.values())).features.shape[-1])
+        head = model.get_submodule(self.head_name)
+        return FeatureHead(head, bool(self.first_token)), out, info

@@ -1,0 +1,357 @@
+"""Each strategy on the tiny BERT: exact trainable counts, what moved, what stayed bit-identical.
+
+The tiny BERT (hidden 32, 2 blocks, intermediate 64) has, by construction:
+embeddings 3,488 = word 34x32 ... + LayerNorm; each block 8,544 = attention 4x(32x32+32) + LN 64
++ intermediate 32x64+64 + output 64x32+32 + LN 64; pooler (the neck) 32x32+32 = 1,056;
+the new 2-way head 2x32+2 = 66. Total 21,698.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunesmith
+from conftest import make_texts, write_csv
+from tunesmith.errors import UserError
+
+BLOCK, NECK, HEAD = 8_544, 1_056, 66
+ATTENTION = 4 * (32 * 32 + 32) + 64  # q, k, v, output dense and the attention LayerNorm
+TOTAL = 21_698
+EMBEDDINGS = TOTAL - 2 * BLOCK - NECK - HEAD
+
+
+def initial(model_dir):
+    from transformers import BertModel
+
+    return {f"bert.{k}": v.clone() for k, v in BertModel.from_pretrained(model_dir).state_dict().items()}
+
+
+def trained(run_dir):
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def changed(before, after):
+    return {k for k, v in before.items() if k in after and not torch.equal(v, after[k])}
+
+
+def tiny_parts(tiny_model_dir, labels=2):
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.strategies.base import ModelParts
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=labels)
+    return ModelParts(model, ["classifier.weight", "classifier.bias"])
+
+
+def strategy(name, **kw):
+    from tunesmith.config import StrategyConfig
+    from tunesmith.registry import STRATEGIES
+
+    cfg = StrategyConfig(name=name, **kw)
+    return STRATEGIES.get(name)(cfg)
+
+
+# -- layer groups ----------------------------------------------------------------------------------
+
+
+def test_layer_groups_of_bert(tiny_model_dir):
+    g = tiny_parts(tiny_model_dir).layers
+    count = lambda names: sum(dict(tiny_parts(tiny_model_dir).model.named_parameters())[n].numel() for n in names)  # noqa: E731
+    assert [count(b) for b in g.blocks] == [BLOCK, BLOCK]
+    assert count(g.neck) == NECK and count(g.embeddings) == EMBEDDINGS
+    assert all(n.startswith("bert.encoder.layer.1.") for n in g.blocks[1])
+    assert [name for name, _, _ in g.ordered()] == ["embeddings", "block 0", "block 1", "neck", "head"]
+
+
+# -- freeze ----------------------------------------------------------------------------------------
+
+
+def test_freeze_last_block_exact_count_and_frozen_weights_identical(make_config, tiny_model_dir):
+    res = tunesmith.train(make_config(strategy={"name": "freeze", "train_last_n": 1}), quiet=True)
+    assert res.eval["parameters"]["trainable"] == BLOCK + NECK + HEAD
+    before, after = initial(tiny_model_dir), trained(res.run_dir)
+    moved = changed(before, after)
+    for k in before:
+        if k.startswith(("bert.encoder.layer.1.", "bert.pooler.")):
+            assert k in moved, f"trainable {k} did not change"
+        else:
+            assert k not in moved, f"frozen {k} changed"
+    assert set(res.eval["weights_moved"]) == {"block 1", "neck"}
+
+
+def test_freeze_patterns_freeze_attention(make_config, tiny_model_dir):
+    res = tunesmith.train(make_config(strategy={"name": "freeze", "freeze_patterns": ["*.attention.*"]}), quiet=True)
+    assert res.eval["parameters"]["trainable"] == TOTAL - EMBEDDINGS - 2 * ATTENTION
+    before, after = initial(tiny_model_dir), trained(res.run_dir)
+    moved = changed(before, after)
+    assert not any(".attention." in k or ".embeddings." in k for k in moved)
+    assert {k for k in before if ".intermediate." in k} <= moved
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"name": "freeze", "train_last_n": 3}, "has 2 blocks; use 0..2"),
+    ({"name": "freeze", "freeze_patterns": ["*.nothing.*"]}, "'*.nothing.*' matches no parameter"),
+    ({"name": "freeze", "freeze_patterns": ["classifier.*"]}, "matches the new head"),
+    ({"name": "lora", "lora": {"target_modules": ["q_proj"]}}, "'q_proj' matches no module"),
+])
+def test_nonsense_that_needs_the_model_fails_before_training(make_config, tmp_path, settings, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.").replace("*", r"\*")):
+        tunesmith.train(make_config(strategy=settings), quiet=True)
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"name": "fulll"}, "unknown strategy 'fulll' (did you mean 'full'?); known: auto, feature-extraction, freeze"),
+    ({"name": "freeze"}, "needs strategy.train_last_n"),
+    ({"name": "full", "train_last_n": 2}, "train_last_n applies to strategy 'freeze'"),
+    ({"name": "lora", "layer_decay": 0.8}, "layer_decay combines with full, freeze and gradual-unfreeze"),
+    ({"name": "head-only", "l2sp": 0.1}, "l2sp does nothing with strategy 'head-only'"),
+    ({"name": "feature-extraction", "replay": {"file": "x.csv"}}, "replay does nothing"),
+    ({"name": "full", "head": "mlp"}, "applies to strategy 'feature-extraction'"),
+])
+def test_nonsense_combinations_fail_at_config_time(settings, message):
+    from tunesmith.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config({"task": "text-classification", "model": "m", "data": {"train": "t.csv"}, "strategy": settings})
+
+
+# -- discriminative learning rates -----------------------------------------------------------------
+
+
+def test_layer_decay_rates_fall_away_from_the_head(tiny_model_dir):
+    from tunesmith.config import OptimConfig
+    from tunesmith.optim import build_optimizer
+
+    groups = strategy("full", layer_decay=0.5).apply(tiny_parts(tiny_model_dir))
+    scales = {g.name: g.lr_scale for g in groups}
+    assert scales == {"embeddings": 0.125, "block 0": 0.25, "block 1": 0.5, "neck": 0.5, "head": 1.0}
+    assert sum(g.numel for g in groups) == TOTAL
+    opt = build_optimizer(groups, OptimConfig(), lr=1e-3)
+    by_group: dict[str, float] = {}
+    for pg in opt.param_groups:
+        by_group[pg["name"]] = pg["lr"]
+    order = ["head", "block 1", "block 0", "embeddings"]
+    assert [by_group[n] for n in order] == sorted([by_group[n] for n in order], reverse=True)
+    assert by_group["embeddings"] == pytest.approx(1e-3 * 0.125)
+
+
+def test_layer_decay_with_freeze_keeps_only_trainable_groups(tiny_model_dir):
+    groups = strategy("freeze", train_last_n=1, layer_decay=0.8).apply(tiny_parts(tiny_model_dir))
+    assert [(g.name, g.lr_scale) for g in groups] == [("block 1", 0.8), ("neck", 0.8), ("head", 1.0)]
+
+
+# -- gradual unfreezing ----------------------------------------------------------------------------
+
+
+def test_gradual_unfreeze_schedule_by_epoch_and_by_steps(tiny_model_dir):
+    parts = tiny_parts(tiny_model_dir)
+    s = strategy("gradual-unfreeze")
+    s.apply(parts)
+    trainable = lambda: sum(p.numel() for p in parts.model.parameters() if p.requires_grad)  # noqa: E731
+    seen = []
+    for epoch in (1, 2, 3, 4):
+        s.update(step=0, epoch=epoch)
+        seen.append(trainable())
+    assert seen == [HEAD, HEAD + BLOCK + NECK, HEAD + 2 * BLOCK + NECK, HEAD + 2 * BLOCK + NECK]  # embeddings stay frozen
+
+    parts = tiny_parts(tiny_model_dir)
+    s = strategy("gradual-unfreeze", unfreeze_every=3, freeze_embeddings=False)
+    s.apply(parts)
+    seen = []
+    for step in range(10):
+        s.update(step=step, epoch=1)
+        seen.append(trainable())
+    assert seen == [HEAD] * 3 + [HEAD + BLOCK + NECK] * 3 + [TOTAL - EMBEDDINGS] * 3 + [TOTAL]
+
+
+def test_gradual_unfreeze_keeps_optimizer_state_of_weights_already_training(tiny_model_dir):
+    from tunesmith.config import OptimConfig
+    from tunesmith.optim import build_optimizer
+
+    parts = tiny_parts(tiny_model_dir)
+    s = strategy("gradual-unfreeze", unfreeze_every=2)
+    groups = s.apply(parts)
+    opt = build_optimizer(groups, OptimConfig(), lr=1e-3)
+    x = {"input_ids": torch.tensor([[2, 10, 11, 3]]), "labels": torch.tensor([1])}
+    for step in range(5):
+        s.update(step, epoch=1)
+        parts.model(**x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    named = dict(parts.model.named_parameters())
+    steps = lambda n: int(opt.state[named[n]]["step"]) if named[n] in opt.state else 0  # noqa: E731
+    assert steps("classifier.weight") == 5  # never reset when blocks joined
+    assert steps("bert.encoder.layer.1.output.dense.weight") == 3  # joined at step 2
+    assert steps("bert.encoder.layer.0.output.dense.weight") == 1  # joined at step 4
+    assert steps("bert.embeddings.word_embeddings.weight") == 0
+
+
+def test_gradual_unfreeze_run(make_config, tiny_model_dir):
+    res = tunesmith.train(make_config(strategy={"name": "gradual-unfreeze", "unfreeze_every": 4},
+                                      optim={"epochs": 2, "lr": 3e-3}, eval={"every_epoch": False}), quiet=True)
+    moved = changed(initial(tiny_model_dir), trained(res.run_dir))
+    assert any(k.startswith("bert.encoder.layer.0.") for k in moved)
+    assert not any(k.startswith("bert.embeddings.") for k in moved)
+    assert res.eval["parameters"]["trainable"] == HEAD
+    assert res.eval["parameters"]["trainable_at_end"] == HEAD + 2 * BLOCK + NECK
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_adapters_and_head_and_exports_reload_identically(make_config, tiny_model_dir, data_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    res = tunesmith.train(make_config(strategy={"name": "lora"}, optim={"epochs": 4}), quiet=True)
+    r = 8
+    assert res.eval["parameters"]["trainable"] == 2 * 2 * (r * 32 + 32 * r) + HEAD  # query+value in 2 blocks
+    merged_dir, adapter_dir = res.run_dir / "model", res.run_dir / "model" / "adapter"
+    assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
+    adapter_keys = load_file(str(adapter_dir / "adapter_model.safetensors")).keys()
+    assert any("classifier" in k for k in adapter_keys), "the new head must be saved with the adapter"
+    # the merged weights differ from the base exactly in the adapted layers and the head
+    moved = changed(initial(tiny_model_dir), trained(res.run_dir))
+    assert moved == {f"bert.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")}
+    assert set(res.eval["weights_moved"]) == {"block 0", "block 1"}
+
+    texts = [t for t, _ in make_texts(12, seed=9)]
+    tok_ids = tunesmith.load(res.run_dir).tokenizer(texts, padding=True, return_tensors="pt")
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        a, b = merged(**tok_ids).logits, adapted(**tok_ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # ... and both match what the run measured before saving (test loss in eval.json)
+    from tunesmith.metrics import classification_metrics
+
+    test_rows = [l.split(",") for l in (data_dir / "test.csv").read_text().splitlines()[1:]]
+    clf = tunesmith.load(res.run_dir)
+    logits = clf.logits([t for t, _ in test_rows])
+    y = np.array([clf.labels.index(l) for _, l in test_rows])
+    assert classification_metrics(logits, y, clf.labels, False)["loss"] == pytest.approx(res.eval["after"]["loss"], abs=1e-5)
+
+
+# -- forgetting guards -----------------------------------------------------------------------------
+
+
+def test_l2sp_keeps_weights_closer_to_the_start(make_config, tmp_path):
+    base = dict(optim={"epochs": 4, "lr": 3e-3, "weight_decay": 0.0}, eval={"every_epoch": False})
+    free = tunesmith.train(make_config(**base, output_dir=str(tmp_path / "a")), quiet=True)
+    held = tunesmith.train(make_config(strategy={"name": "full", "l2sp": 5.0}, **base, output_dir=str(tmp_path / "b")), quiet=True)
+    for group in ("block 0", "block 1", "neck"):
+        assert held.eval["weights_moved"][group] < 0.8 * free.eval["weights_moved"][group], group
+    logged = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all("l2sp_distance" in r for r in logged if r["type"] == "train")
+
+
+def test_replay_mixes_a_fraction_of_every_batch(make_config, data_dir):
+    write_csv(data_dir / "general.csv", make_texts(40, seed=7))
+    res = tunesmith.train(make_config(strategy={"name": "full", "replay": {"file": str(data_dir / "general.csv"), "fraction": 0.2}},
+                                      optim={"epochs": 2}), quiet=True)
+    # 96 rows in batches of 16 -> 6 batches per epoch; 16 * 0.2 / 0.8 = 4 replay rows each
+    assert res.eval["data"]["replay"] == {"rows": 40, "source": str(data_dir / "general.csv"), "samples_seen": 2 * 6 * 4}
+
+
+def test_replay_with_unknown_label_names_file_and_line(make_config, data_dir):
+    write_csv(data_dir / "general.csv", [("great film", "pos"), ("a plot", "meh")])
+    with pytest.raises(UserError, match=r"general\.csv:3: label 'meh'"):
+        tunesmith.train(make_config(strategy={"name": "full", "replay": {"file": str(data_dir / "general.csv")}}), quiet=True)
+
+
+# -- feature extraction ----------------------------------------------------------------------------
+
+
+def test_feature_cache_reused_then_rebuilt_when_data_changes(make_config, tmp_path, data_dir, tiny_model_dir):
+    cfg = lambda out: make_config(strategy={"name": "feature-extraction"}, output_dir=str(tmp_path / out))  # noqa: E731
+    first = tunesmith.train(cfg("a"), quiet=True).eval["features"]
+    assert [first[s]["cached"] for s in ("train", "validation", "test")] == [False, False, False]
+    second = tunesmith.train(cfg("b"), quiet=True)
+    assert [second.eval["features"][s]["cached"] for s in ("train", "validation", "test")] == [True, True, True]
+    assert second.eval["parameters"]["trainable"] == HEAD
+    assert changed(initial(tiny_model_dir), trained(second.run_dir)) == set()  # backbone bit-identical
+    rows = make_texts(96, seed=1)
+    rows[5] = ("a different text entirely", rows[5][1])
+    write_csv(data_dir / "train.csv", rows)
+    third = tunesmith.train(cfg("c"), quiet=True).eval["features"]
+    assert [third[s]["cached"] for s in ("train", "validation", "test")] == [False, True, True]
+    assert third["train"]["key"] != first["train"]["key"]
+    # another max_length tokenizes differently: a new key too
+    fourth = tunesmith.train(make_config(strategy={"name": "feature-extraction"}, train={"max_length": 8},
+                                         output_dir=str(tmp_path / "d")), quiet=True).eval["features"]
+    assert not fourth["validation"]["cached"]
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_feature_extraction_model_predicts_what_the_cache_trained(make_config, data_dir, head):
+    from tunesmith.metrics import classification_metrics
+
+    res = tunesmith.train(make_config(strategy={"name": "feature-extraction", "head": head}, optim={"epochs": 5}), quiet=True)
+    test_rows = [l.split(",") for l in (data_dir / "test.csv").read_text().splitlines()[1:]]
+    clf = tunesmith.load(res.run_dir)  # the full model: backbone + trained head, from model/
+    logits = clf.logits([t for t, _ in test_rows])
+    y = np.array([clf.labels.index(l) for _, l in test_rows])
+    m = classification_metrics(logits, y, clf.labels, False)
+    assert m["loss"] == pytest.approx(res.eval["after"]["loss"], abs=1e-5)
+    if head == "mlp":
+        assert res.eval["parameters"]["trainable"] == 32 * 256 + 256 + 256 * 2 + 2
+        config = json.loads((res.run_dir / "model" / "config.json").read_text())
+        assert config["tunesmith_head"]["type"] == "mlp"
+
+
+# -- auto ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, params, rows, blocks, guards, expected", [
+    ("cpu", 22_000_000, 300, 6, False, {"name": "feature-extraction"}),
+    ("cpu", 22_000_000, 999, 6, False, {"name": "feature-extraction"}),
+    ("cpu", 22_000_000, 4000, 6, False, {"name": "full", "layer_decay": 0.8}),
+    ("cpu", 110_000_000, 4000, 12, False, {"name": "freeze", "train_last_n": 4, "layer_decay": 0.8}),
+    ("cpu", 22_000_000, 300, 6, True, {"name": "full", "layer_decay": 0.8}),
+    ("cuda", 22_000_000, 500, 6, False, {"name": "full", "layer_decay": 0.9}),
+    ("cuda", 110_000_000, 200, 12, False, {"name": "feature-extraction"}),
+    ("cuda", 1_500_000_000, 5000, 28, False, {"name": "lora"}),
+    ("cpu", 500_000_000, 5000, 24, False, {"name": "lora"}),
+])
+def test_auto_picks_as_documented(device, params, rows, blocks, guards, expected):
+    from tunesmith.strategies.auto import decide
+
+    settings, reason = decide(device, params, rows, blocks, guards)
+    assert settings == expected
+    assert reason and "\n" not in reason
+
+
+def test_auto_run_records_its_choice(make_config):
+    import yaml
+
+    res = tunesmith.train(make_config(strategy={"name": "auto"}, optim={"lr": None}), quiet=True)
+    saved = yaml.safe_load((res.run_dir / "config.yaml").read_text())["strategy"]
+    assert saved["name"] == "feature-extraction" == res.eval["strategy"]
+    assert "96 training rows" in saved["reason"]
+
+
+# -- lr-find ---------------------------------------------------------------------------------------
+
+
+def test_lr_find_restores_weights_writes_png_and_feeds_training(make_config, tmp_path, tiny_model_dir):
+    from tunesmith.config import load_config
+    from tunesmith.loop import run
+
+    png = tmp_path / "plot.png"
+    found = run(load_config(make_config(optim={"lr": None}), ["optim.lr_find_steps=40"]), quiet=True, lr_find_only=png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 1e-7 <= found["suggested_lr"] <= 1.0 and found["steps"] <= 40
+    assert not (tmp_path / "run").exists()  # the range test alone writes no run
+    res = tunesmith.train(make_config(optim={"lr": "find", "lr_find_steps": 40, "epochs": 1}, train={"seed": 0}), quiet=True)
+    assert res.eval["lr_find"]["suggested_lr"] == pytest.approx(found["suggested_lr"])
+    assert (res.run_dir / "lr_find.png").exists()
+    # same seed, same fixed lr, no range test: identical weights (the test restored weights and RNG)
+    fixed = tunesmith.train(make_config(optim={"lr": found["suggested_lr"], "epochs": 1}, output_dir=str(tmp_path / "fixed")), quiet=True)
+    a, b = trained(res.run_dir), trained(fixed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
