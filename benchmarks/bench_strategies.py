@@ -3,7 +3,7 @@
     python benchmarks/bench_strategies.py                    # all sizes (about 45 minutes on 2 cores)
     python benchmarks/bench_strategies.py --sizes 300 --strategies full,lora   # a subset
 
-Fixed split (seeded): 1,000 held-out test rows, 500 validation rows, and the first N of a
+Fixed split (seeded): 1,000 held-out test rows, 300 validation rows, and the first N of a
 4,000-row training pool for N in --sizes. The budget is the same for every strategy at a size:
 epochs = min(10, max(2, ceil(3000 / N))) (so 100 and 300 rows get 10 epochs, 1,000 get 3, 4,000
 get 2), batch 32, max length 128, validation each epoch with the best weights restored. Each
@@ -49,7 +49,7 @@ def write_data(out: Path, seed: int = 0) -> dict[str, Path]:
 
     rows, _ = rotten_tomatoes_rows()
     random.Random(seed).shuffle(rows)
-    parts = {"test": rows[:1000], "validation": rows[1000:1500], "pool": rows[1500:5500]}
+    parts = {"test": rows[:1000], "validation": rows[1000:1300], "pool": rows[1300:5300]}
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, part in parts.items():

@@ -66,7 +66,7 @@ def test_train_predict_eval_end_to_end(make_config, tmp_path, data_dir):
         ({"data": {"text_column": "review"}}, ["no column 'review'", "columns in the file: text, label"]),
         ({"model": "bert-base-uncased"}, ["hub cannot be reached", "minilm-l6"]),
         ({"model": "minilm-l7"}, ["did you mean 'minilm-l6'"]),
-        ({"strategy": {"name": "lora2"}}, ["unknown strategy 'lora2'", "known: full, head-only"]),
+        ({"strategy": {"name": "lora2"}}, ["run.yaml:", "unknown strategy 'lora2'", "known: auto, feature-extraction, freeze, full, gradual-unfreeze, head-only, lora"]),
         ({"optim": {"lrr": 1}}, ["unknown key 'optim.lrr'", "did you mean 'lr'"]),
     ],
 )
@@ -118,3 +118,28 @@ def test_model_resolution_offline(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no config.json"):
         resolve_model(str(tmp_path / "empty"))
+
+
+def test_lr_find_command_writes_png_and_suggests(make_config, tmp_path):
+    cfg = write_config(tmp_path, make_config(optim={"lr": None}))
+    png = tmp_path / "sweep.png"
+    proc = cli("lr-find", cfg, "--output", png, "optim.lr_find_steps=30", "--quiet")  # overrides after options too
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    suggested = float(proc.stdout.split("suggested lr:")[1].split()[0])
+    assert 1e-7 <= suggested <= 1
+    assert not (tmp_path / "run").exists()
+    assert_user_error(cli("lr-find", cfg, "--output", tmp_path / "x.jpg"), "the plot is a PNG")
+
+
+def test_strategy_mistake_that_needs_the_model_is_one_line(make_config, tmp_path):
+    cfg = write_config(tmp_path, make_config(strategy={"name": "freeze", "train_last_n": 9}))
+    assert_user_error(cli("train", cfg), "strategy.train_last_n=9", "has 2 blocks")
+    assert not (tmp_path / "run").exists()
+
+
+def test_strategies_command_lists_every_strategy():
+    proc = cli("strategies")
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert names == ["auto", "feature-extraction", "freeze", "full", "gradual-unfreeze", "head-only", "lora"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,14 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_each_other_and_one_process(make_config, tmp_path):
+@pytest.mark.parametrize("strategy", [
+    {"name": "full"},
+    # blocks join every 3 steps: DDP must be re-wrapped so the new weights are all-reduced too
+    {"name": "gradual-unfreeze", "unfreeze_every": 3, "freeze_embeddings": False},
+], ids=["full", "gradual-unfreeze"])
+def test_two_processes_match_each_other_and_one_process(make_config, tmp_path, strategy):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
     results = {}
     for world in (2, 1):
         out = tmp_path / f"w{world}"
         out.mkdir()
         # batch 16 splits into 8 + 8: same examples per step as one process with batch 16
-        cfg = make_config(output_dir=str(out / "run"), optim={"epochs": 2, "batch_size": 16})
+        cfg = make_config(output_dir=str(out / "run"), optim={"epochs": 2, "batch_size": 16}, strategy=strategy)
         (out / "cfg.json").write_text(json.dumps(cfg))
         if world == 1:
             cmd = [sys.executable, str(WORKER), str(out / "cfg.json"), str(out)]

@@ -83,12 +83,20 @@ class StrategyConfig(_Section):
     replay: ReplayConfig | None = Field(None, description="Forgetting guard: mix general-domain examples into every batch.")
     reason: str | None = Field(None, description="Set by `auto`: why it chose this strategy (recorded in the run's config.yaml).")
 
-    @model_validator(mode="after")
-    def _combinations(self) -> "StrategyConfig":
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
         from tunesmith.registry import STRATEGIES
 
+        try:
+            STRATEGIES.get(v)  # unknown names list the known ones
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "StrategyConfig":
         name = self.name
-        STRATEGIES.get(name)  # unknown names list the known ones
         if name == "auto":
             return self
         if self.train_last_n is not None and name != "freeze":

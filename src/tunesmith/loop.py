@@ -147,7 +147,8 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         except UserError:
             group_of = {}
         anchored = [(n, p) for n, p in model.named_parameters() if id(p) in may_train and id(p) not in head_ids]
-        anchor = Anchor(anchored, group_of, on_device=False) if anchored else None
+        anchor = Anchor(anchored, group_of, on_device=False, checkpoint_dir=resolved.path,
+                        prefix=getattr(model, "base_model_prefix", "")) if anchored else None
 
     # 4. Tokenize once; every epoch reuses the ids.
     enc = {s.name: task.encode(s) for s in (data.train, data.validation, data.test)}

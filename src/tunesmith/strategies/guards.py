@@ -9,29 +9,68 @@ the end-of-run report of how far each layer group moved, as relative L2:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
 class Anchor:
-    """Starting copies of the pre-trained weights that may train.
+    """Starting values of the pre-trained weights that may train.
 
-    On the training device when L2-SP needs them every step, else on the CPU (only read once at
-    the end, and CPU memory is the cheaper place for a second copy).
+    With L2-SP they are needed every step: a copy on the training device. Without it they are
+    read once, at the end, for the moved report: straight from the checkpoint's safetensors
+    files (memory-mapped, so no second copy of the model while training), falling back to a CPU
+    copy for weights the checkpoint does not hold under a recognisable name.
     """
 
-    def __init__(self, params: list[tuple[str, nn.Parameter]], group_of: dict[str, str], on_device: bool):
+    def __init__(self, params: list[tuple[str, nn.Parameter]], group_of: dict[str, str], on_device: bool,
+                 checkpoint_dir: Path | None = None, prefix: str = ""):
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
-        self.start = [p.detach().clone() if on_device else p.detach().to("cpu", copy=True) for p in self.params]
         self.group_of = group_of
+        self.files: dict[str, tuple[Path, str]] = {}
+        if not on_device and checkpoint_dir is not None:
+            self.files = _checkpoint_keys(checkpoint_dir, self.names, prefix)
+            self._keep_exact_matches(params)
+        self.start: list[torch.Tensor | None] = [
+            None if n in self.files else (p.detach().clone() if on_device else p.detach().to("cpu", copy=True))
+            for n, p in params
+        ]
+
+    @torch.no_grad()
+    def _keep_exact_matches(self, params: list[tuple[str, nn.Parameter]]) -> None:
+        """Only checkpoint tensors equal to the loaded weights count (renamed, converted or
+        resized ones are copied instead); checked once, before training."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[tuple[str, str, nn.Parameter]]] = {}
+        for n, p in params:
+            if n in self.files:
+                path, key = self.files[n]
+                by_file.setdefault(path, []).append((n, key, p))
+        for path, items in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for n, key, p in items:
+                    t = f.get_tensor(key)
+                    if t.shape != p.shape or not torch.equal(t.to(p.dtype), p.detach().cpu()):
+                        del self.files[n]
+
+    def _start(self, i: int) -> torch.Tensor:
+        s = self.start[i]
+        if s is not None:
+            return s
+        from safetensors import safe_open
+
+        path, key = self.files[self.names[i]]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
 
     @torch.no_grad()
     def add_l2sp_grad_(self, strength: float) -> None:
         """grad += strength * (w - w0): the gradient of strength/2 * ||w - w0||^2, added once per
         optimizer step after the gradients of the window are complete (and all-reduced)."""
-        pairs = [(p, s) for p, s in zip(self.params, self.start) if p.grad is not None]
+        pairs = [(p, s) for p, s in zip(self.params, self.start) if p.grad is not None and s is not None]
         if not pairs:
             return
         params, start = zip(*pairs)
@@ -42,7 +81,8 @@ class Anchor:
     def distance(self) -> float:
         """||w - w0|| over all anchored weights."""
         total = 0.0
-        for p, s in zip(self.params, self.start):
+        for i, p in enumerate(self.params):
+            s = self._start(i)
             total += float((p.detach().to(s.device, torch.float32) - s.float()).pow(2).sum())
         return math.sqrt(total)
 
@@ -51,9 +91,31 @@ class Anchor:
         """Relative L2 distance from the start, per layer group, bottom to top."""
         num: dict[str, float] = {}
         den: dict[str, float] = {}
-        for n, p, s in zip(self.names, self.params, self.start):
+        for i, (n, p) in enumerate(zip(self.names, self.params)):
             g = self.group_of.get(n, "backbone")
-            s32 = s.float()
-            num[g] = num.get(g, 0.0) + float((p.detach().to(s.device, torch.float32) - s32).pow(2).sum())
+            s32 = self._start(i).float()
+            num[g] = num.get(g, 0.0) + float((p.detach().to(s32.device, torch.float32) - s32).pow(2).sum())
             den[g] = den.get(g, 0.0) + float(s32.pow(2).sum())
         return {g: math.sqrt(num[g]) / math.sqrt(den[g]) if den[g] > 0 else 0.0 for g in num}
+
+
+def _checkpoint_keys(directory: Path, names: list[str], prefix: str) -> dict[str, tuple[Path, str]]:
+    """Parameter name -> (safetensors file, key), for names found in the checkpoint as they are
+    or without the base-model prefix (a checkpoint saved from `BertModel` has no `bert.`)."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    where[k] = f
+        except Exception:  # an unreadable file: fall back to copies
+            return {}
+    out = {}
+    for n in names:
+        for key in (n, n.removeprefix(prefix + ".") if prefix else n):
+            if key in where:
+                out[n] = (where[key], key)
+                break
+    return out
