@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 STRATEGIES: dict[str, list[str]] = {
     "full": ["strategy.name=full", "optim.lr=5e-5"],
     "full + layer_decay 0.8": ["strategy.name=full", "strategy.layer_decay=0.8", "optim.lr=1e-4"],
@@ -103,7 +105,7 @@ def run_one(work: Path, name: str, overrides: list[str], paths: dict[str, Path],
         "features_cached": all(v.get("cached") for v in feats.values() if isinstance(v, dict)) if feats else None,
         "chosen": ev["strategy"] if name == "auto" else None,
         "weights_moved": ev.get("weights_moved"),
-        "reason": next((l.split("reason:", 1)[1].strip() for l in cfg.splitlines() if l.strip().startswith("reason:")), None),
+        "reason": yaml.safe_load(cfg)["strategy"].get("reason"),
     }
 
 

@@ -355,3 +355,19 @@ def test_lr_find_restores_weights_writes_png_and_feeds_training(make_config, tmp
     fixed = tunesmith.train(make_config(optim={"lr": found["suggested_lr"], "epochs": 1}, output_dir=str(tmp_path / "fixed")), quiet=True)
     a, b = trained(res.run_dir), trained(fixed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
+    from tunesmith.loop import set_train_mode
+    from tunesmith.strategies.base import freeze
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model = torch.nn.Sequential(backbone, torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))  # materialise the lazy head
+    freeze(list(backbone.named_parameters()))
+    before, tracked = backbone[1].running_mean.clone(), backbone[1].num_batches_tracked.item()
+    set_train_mode(model)
+    assert not backbone.training and model[2].training
+    model(torch.randn(8, 3, 8, 8) * 5 + 3)
+    assert torch.equal(backbone[1].running_mean, before) and backbone[1].num_batches_tracked.item() == tracked
