@@ -154,6 +154,9 @@ class TrainConfig(_Section):
     early_stopping: int = Field(0, ge=0, description="Stop after N evaluations without improvement; 0 = never stop early.")
     metric: str = Field("macro_f1", description="Validation metric that picks the best weights (restored at the end).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding, faster).")
+    max_bad_steps: int = Field(
+        5, ge=1, description="A step whose gradient is NaN/inf is skipped and counted; this many in a row stop the run."
+    )
 
 
 class EvalConfig(_Section):
@@ -173,6 +176,12 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/run", description="Where the run directory is written.")
     overwrite: bool = Field(False, description="Replace a finished run in output_dir.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside a model repository (needed by some hub models). Off: it runs arbitrary code."
+    )
+    allow_pickle: bool = Field(
+        False, description="Accept pickle-based weights (.bin/.pt/.pth) when a model has no safetensors; loaded with torch.load(weights_only=True)."
+    )
 
     @field_validator("task")
     @classmethod

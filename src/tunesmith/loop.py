@@ -23,6 +23,7 @@ from torch import nn
 
 from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
+from tunesmith import runlock
 from tunesmith.errors import UserError
 from tunesmith.metrics import linear_probe
 from tunesmith.models import resolve_model
@@ -187,6 +188,10 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         lr = found["suggested_lr"]
 
     out.mkdir(parents=True, exist_ok=True)
+    lock = runlock.acquire(out) if main else None
+    if main:  # model/ (and, for LoRA, its adapter) plus tokenizer files, with a margin
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        runlock.check_disk(out, int(weights * 1.2) + 50 * 2**20, "the model this run saves")
     if cfg.overwrite and main:
         for stale in ("eval.json", "metrics.jsonl", "model"):
             p = out / stale
@@ -258,7 +263,9 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     best_step, evals_without_gain, stopped_early = 0, 0, False
     step, samples, tokens, train_time = 0, 0, 0, 0.0
     running_loss = torch.zeros((), device=device)
-    running_n = 0
+    window_loss = torch.zeros((), device=device)
+    running_n = window_n = 0
+    skipped_steps = bad_in_row = 0
     set_train_mode(train_model)
     peak_rss_reset()
 
@@ -319,13 +326,43 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                             loss = task.step(train_model, batch)["loss"]
                         # weight by this batch's share of the window: exact mean over all its examples
                         accelerator.backward(loss * (len(global_batch) / window_size))
-                    running_loss += loss.detach() * len(idx)
-                    running_n += len(idx)
+                    window_loss += loss.detach() * len(idx)  # counted once the step is known to be finite
+                    window_n += len(idx)
                     tokens += sum(len(train_enc.input_ids[i]) for i in global_batch)  # host-side: no device sync
                 if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
                     anchor.add_l2sp_grad_(cfg.strategy.l2sp)
                 if cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.max_grad_norm)
+                else:
+                    grads = [p.grad for p in train_model.parameters() if p.grad is not None]
+                    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+                # A host-device sync per step, on purpose: a NaN/inf gradient must never reach the
+                # weights. Gradients are all-reduced, so every process decides the same way.
+                if not bool(torch.isfinite(norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()  # the batch is consumed: the schedule stays aligned with the data
+                    step += 1
+                    skipped_steps += 1
+                    bad_in_row += 1
+                    window_loss.zero_()
+                    window_n = 0
+                    write({"type": "skip", "step": step, "epoch": epoch, "reason": "non-finite gradient"})
+                    progress.console.print(f"step {step}: gradient is NaN/inf, step skipped ({bad_in_row} in a row)")
+                    if bad_in_row >= cfg.train.max_bad_steps:
+                        if log:
+                            log.close()
+                        raise UserError(
+                            f"the gradient was NaN/inf for {bad_in_row} steps in a row (last at step {step}, "
+                            f"lr {scheduler.get_last_lr()[-1]:.1e}); nothing was saved. Lower optim.lr (see "
+                            "`tunesmith lr-find`) or use train.precision=fp32"
+                        )
+                    progress.advance(bar)
+                    continue
+                bad_in_row = 0
+                running_loss += window_loss
+                running_n += window_n
+                window_loss.zero_()
+                window_n = 0
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -383,6 +420,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         "steps": step,
         "epochs_run": epoch,
         "stopped_early": stopped_early,
+        "skipped_steps": skipped_steps,
         "best_step": best_step,
         "precision": precision,
         "processes": world,
@@ -408,13 +446,19 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     if main:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = strategy.save(unwrapped, task, tmp)
+        try:
+            unwrapped = strategy.save(unwrapped, task, tmp)
+        except OSError as e:  # a full disk, a quota: the half-written copy goes, an older model/ stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"writing the model to {tmp} failed: {e.strerror or e}; nothing was replaced") from None
         shutil.rmtree(out / "model", ignore_errors=True)
         os.replace(tmp, out / "model")
         log.close()
         tmp_eval = out / "eval.json.tmp"
         tmp_eval.write_text(json.dumps(ev, indent=2), encoding="utf-8")
         os.replace(tmp_eval, out / "eval.json")
+        if lock is not None:
+            lock.close()
         console.print(results_table(ev))
         if len(data.labels) <= 30:
             console.print(per_class_table(ev["after"]))
