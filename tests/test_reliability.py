@@ -90,5 +90,5 @@ def test_too_little_disk_fails_before_training(make_config, monkeypatch):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
-    with pytest.raises(UserError, match=r"1 MB free on its disk, but the model this run saves needs about \d+ MB"):
+    with pytest.raises(UserError, match=r"1 MB free on its disk, but the model and checkpoints this run writes needs about \d+ MB"):
         tunesmith.train(make_config(), quiet=True)

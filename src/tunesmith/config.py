@@ -154,6 +154,9 @@ class TrainConfig(_Section):
     early_stopping: int = Field(0, ge=0, description="Stop after N evaluations without improvement; 0 = never stop early.")
     metric: str = Field("macro_f1", description="Validation metric that picks the best weights (restored at the end).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding, faster).")
+    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints (plus the one at the best validation step).")
     max_bad_steps: int = Field(
         5, ge=1, description="A step whose gradient is NaN/inf is skipped and counted; this many in a row stop the run."
     )
@@ -176,6 +179,9 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/run", description="Where the run directory is written.")
     overwrite: bool = Field(False, description="Replace a finished run in output_dir.")
+    resume: bool | Literal["auto"] = Field(
+        False, description="Continue from the newest checkpoint in output_dir: true (it must exist), auto (if there is one), false."
+    )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped inside a model repository (needed by some hub models). Off: it runs arbitrary code."
     )
