@@ -74,6 +74,10 @@ class StrategyConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     head: Literal["linear", "mlp"] = Field("linear", description="feature-extraction: the model's own linear head, or an MLP in its place.")
     head_hidden: int = Field(256, gt=0, description="feature-extraction with head: mlp: hidden units.")
+    pooling: Literal["auto", "head", "mean"] = Field(
+        "auto", description="feature-extraction: 'head' caches what the model's own head reads (plain HF export); 'mean' the mean of "
+        "the last hidden states (sentence-transformers models); auto: mean when the model's pooling config says so."
+    )
     cache_dir: str | None = Field(
         None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
     )
@@ -109,6 +113,8 @@ class StrategyConfig(_Section):
             raise ValueError(f"strategy.layer_decay combines with full, freeze and gradual-unfreeze, not '{name}'")
         if self.unfreeze_every and name != "gradual-unfreeze":
             raise ValueError(f"strategy.unfreeze_every applies to strategy 'gradual-unfreeze', not '{name}'")
+        if self.pooling != "auto" and name != "feature-extraction":
+            raise ValueError(f"strategy.pooling applies to strategy 'feature-extraction', not '{name}'")
         if self.head != "linear" and name != "feature-extraction":
             raise ValueError(f"strategy.head: {self.head} applies to strategy 'feature-extraction', not '{name}'")
         frozen_backbone = name in ("head-only", "feature-extraction")
