@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-5")
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
     v = sub.add_parser("validate", help="check a config and its data files without training")
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a: argparse.Namespace) -> int:
     from tunesmith.api import train
 
-    overrides = list(a.overrides) + (["overwrite=true"] if a.overwrite else [])
+    overrides = list(a.overrides) + (["overwrite=true"] if a.overwrite else []) + (["resume=true"] if a.resume else [])
     train(a.config, overrides, quiet=a.quiet)
     return 0
 
@@ -257,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # Interrupted: a checkpoint was written; say how to go on
+        from tunesmith.loop import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"tunesmith: {e}".replace("CONFIG", getattr(args, "config", "CONFIG")), file=sys.stderr)
+            return e.exit_code
+        raise
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ class StrategyConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     head: Literal["linear", "mlp"] = Field("linear", description="feature-extraction: the model's own linear head, or an MLP in its place.")
     head_hidden: int = Field(256, gt=0, description="feature-extraction with head: mlp: hidden units.")
+    pooling: Literal["auto", "head", "mean"] = Field(
+        "auto", description="feature-extraction: 'head' caches what the model's own head reads (plain HF export); 'mean' the mean of "
+        "the last hidden states (sentence-transformers models); auto: mean when the model's pooling config says so."
+    )
     cache_dir: str | None = Field(
         None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
     )
@@ -109,6 +113,8 @@ class StrategyConfig(_Section):
             raise ValueError(f"strategy.layer_decay combines with full, freeze and gradual-unfreeze, not '{name}'")
         if self.unfreeze_every and name != "gradual-unfreeze":
             raise ValueError(f"strategy.unfreeze_every applies to strategy 'gradual-unfreeze', not '{name}'")
+        if self.pooling != "auto" and name != "feature-extraction":
+            raise ValueError(f"strategy.pooling applies to strategy 'feature-extraction', not '{name}'")
         if self.head != "linear" and name != "feature-extraction":
             raise ValueError(f"strategy.head: {self.head} applies to strategy 'feature-extraction', not '{name}'")
         frozen_backbone = name in ("head-only", "feature-extraction")
@@ -154,6 +160,12 @@ class TrainConfig(_Section):
     early_stopping: int = Field(0, ge=0, description="Stop after N evaluations without improvement; 0 = never stop early.")
     metric: str = Field("macro_f1", description="Validation metric that picks the best weights (restored at the end).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding, faster).")
+    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints (plus the one at the best validation step).")
+    max_bad_steps: int = Field(
+        5, ge=1, description="A step whose gradient is NaN/inf is skipped and counted; this many in a row stop the run."
+    )
 
 
 class EvalConfig(_Section):
@@ -173,6 +185,15 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/run", description="Where the run directory is written.")
     overwrite: bool = Field(False, description="Replace a finished run in output_dir.")
+    resume: bool | Literal["auto"] = Field(
+        False, description="Continue from the newest checkpoint in output_dir: true (it must exist), auto (if there is one), false."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside a model repository (needed by some hub models). Off: it runs arbitrary code."
+    )
+    allow_pickle: bool = Field(
+        False, description="Accept pickle-based weights (.bin/.pt/.pth) when a model has no safetensors; loaded with torch.load(weights_only=True)."
+    )
 
     @field_validator("task")
     @classmethod

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from torch import nn
 
 from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
+from tunesmith import checkpoint, runlock
 from tunesmith.errors import UserError
 from tunesmith.metrics import linear_probe
 from tunesmith.models import resolve_model
@@ -42,6 +45,14 @@ from tunesmith.strategies.base import ModelParts, count_params
 from tunesmith.strategies.guards import Anchor
 
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training after a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -95,8 +106,17 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     out = Path(cfg.output_dir)
+    user_config = cfg.to_dict()  # as written (before `auto` and `lr: find` resolve): what resume compares
+    resume_from, resumed = None, None
     if lr_find_only is None:
         _check_output_dir(out, cfg.overwrite)
+        if cfg.resume:
+            resume_from = checkpoint.latest(out) if out.is_dir() else None
+            if resume_from is None and cfg.resume is True:
+                raise UserError(f"nothing to resume: {out / checkpoint.DIR} holds no complete checkpoint; run without --resume")
+            if resume_from is not None:
+                saved = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))
+                checkpoint.check_config_change(saved["config"], user_config, resume_from)
     set_seed(cfg.train.seed)
 
     # 1. Task and strategy by name; all data read and checked before any model loads.
@@ -175,7 +195,9 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
 
     # Learning rate: fixed, or from the range test (weights and RNG restored after it).
     lr, found = lr_fixed, None
-    if cfg.optim.lr == "find" or lr_find_only is not None:
+    if resume_from is not None:  # the rate the run started with, found or fixed
+        lr, found = saved["lr"], saved.get("lr_find")
+    elif cfg.optim.lr == "find" or lr_find_only is not None:
         from tunesmith.lr_find import lr_find
 
         png = lr_find_only if lr_find_only is not None else (out / "lr_find.png" if main else None)
@@ -187,13 +209,24 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         lr = found["suggested_lr"]
 
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and main:
-        for stale in ("eval.json", "metrics.jsonl", "model"):
+    lock = runlock.acquire(out) if main else None
+    if main:  # model/ (LoRA: and its adapter) plus tokenizer files; checkpoints: weights, 2 AdamW moments, best copy
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        per_ckpt = 4 * sum(p.numel() * p.element_size() for g in groups for _, p in g.params)
+        ckpts = (cfg.train.keep_checkpoints + 2) * per_ckpt if (cfg.train.checkpoint_every or cfg.train.checkpoint_epochs) else 0
+        runlock.check_disk(out, int(weights * 1.2) + ckpts + 50 * 2**20, "the model and checkpoints this run writes")
+    if cfg.overwrite and main and resume_from is None:
+        for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR):
             p = out / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if main:
         save_config(cfg, out / "config.yaml")
-    log = open(out / "metrics.jsonl", "w", encoding="utf-8") if main else None
+    if resume_from is not None and main and (out / "metrics.jsonl").exists():
+        # keep what the checkpointed part of the run logged; what came after it will be redone
+        kept = [l for l in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                if l.strip() and json.loads(l).get("step", 0) <= saved["step"]]
+        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+    log = open(out / "metrics.jsonl", "a" if resume_from is not None else "w", encoding="utf-8") if main else None
 
     def write(record: dict[str, Any]) -> None:
         if log:
@@ -231,7 +264,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
 
     # 6. Optimizer and schedule from the strategy's groups.
     if found is not None:
-        ev["lr_find"] = {k: v for k, v in found.items() if k not in ("lrs", "losses", "smoothed")}
+        found = ev["lr_find"] = {k: v for k, v in found.items() if k not in ("lrs", "losses", "smoothed")}
     batches_per_epoch = math.ceil(len(enc["train"]) / cfg.optim.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum)
     total_steps = steps_per_epoch * cfg.optim.epochs
@@ -258,9 +291,75 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     best_step, evals_without_gain, stopped_early = 0, 0, False
     step, samples, tokens, train_time = 0, 0, 0, 0.0
     running_loss = torch.zeros((), device=device)
-    running_n = 0
+    window_loss = torch.zeros((), device=device)
+    running_n = window_n = 0
+    skipped_steps = bad_in_row = 0
+    start_epoch, start_window = 1, 0
+    epoch_replay: dict[str, Any] | None = None  # the replay sampler as it was when an epoch's batches were drawn
+    if resume_from is not None:
+        resumed = checkpoint.load(resume_from)
+        st = resumed["state"]
+        with torch.no_grad():
+            named = dict(trainable_params)
+            for n, t in resumed["weights"].items():
+                named[n].copy_(t.to(named[n].device))
+        best_state = resumed["best"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        step, samples, tokens, train_time = st["step"], st["samples"], st["tokens"], st["train_time"]
+        best_metric, best_step, evals_without_gain = st["best_metric"], st["best_step"], st["evals_without_gain"]
+        skipped_steps, bad_in_row = st["skipped_steps"], st["bad_in_row"]
+        running_loss.fill_(st["running_loss"])
+        running_n = st["running_n"]
+        start_epoch, start_window, epoch_replay = st["epoch"], st["window"], st["replay"]
+        progress.update(bar, completed=step)
+        console.print(f"resumed from {resume_from} (step {step}, epoch {start_epoch})")
+
+    def save_checkpoint(next_epoch: int, next_window: int, t0: float) -> Path | None:
+        if not main:
+            return None
+        # mid-epoch: the sampler as it was when this epoch's batches were drawn (they are redrawn on
+        # resume); at an epoch's end: as it is now, ready for the next epoch
+        replay_state = epoch_replay if next_window else {
+            "rng": replay_rng.bit_generator.state, "order": list(replay_order), "seen": replay_seen}
+        state = {
+            "step": step, "epoch": next_epoch, "window": next_window, "samples": samples, "tokens": tokens,
+            "train_time": train_time + time.perf_counter() - t0, "best_metric": best_metric, "best_step": best_step,
+            "evals_without_gain": evals_without_gain, "skipped_steps": skipped_steps, "bad_in_row": bad_in_row,
+            "running_loss": running_loss.item(), "running_n": running_n, "replay": replay_state,
+            "scheduler": scheduler.state_dict(), "config": user_config, "lr": lr, "lr_find": found,
+        }
+        return checkpoint.save(out, step, dict(trainable_params), best_state, optimizer, state,
+                               cfg.train.keep_checkpoints, best_step)
+
+    # Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume. A second Ctrl-C quits at once.
+    interrupted: dict[str, int] = {}
+    handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def _on_signal(signum: int, _frame: Any) -> None:
+            if interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            interrupted["sig"] = signum
+
+        handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_if_interrupted(next_epoch: int, next_window: int, t0: float) -> None:
+        if not interrupted:
+            return
+        path = save_checkpoint(next_epoch, next_window, t0)
+        if log:
+            log.close()
+        name = signal.Signals(interrupted["sig"]).name
+        raise Interrupted(
+            f"interrupted by {name} after step {step}; checkpoint {path}; resume with: tunesmith train CONFIG --resume",
+            128 + interrupted["sig"],
+        )
+
     set_train_mode(train_model)
     peak_rss_reset()
+    if resumed is not None:
+        checkpoint.set_rng_state(resumed["rng_tensors"], resumed["state"]["rng"])
 
     def validate(epoch: int) -> bool:
         """Evaluate on validation, keep the best weights; True when early stopping says stop."""
@@ -279,84 +378,129 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         set_train_mode(train_model)
         return bool(cfg.train.early_stopping) and evals_without_gain >= cfg.train.early_stopping
 
-    with progress if not (quiet or not main) else contextlib.nullcontext():
-        for epoch in range(1, cfg.optim.epochs + 1):
-            progress.update(bar, epoch=epoch)
-            batches = make_batches(enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                   group_by_length=cfg.train.group_by_length)
-            if world > 1:  # every process must step together: drop a final batch too small to split
-                batches = [b for b in batches if len(b) >= world]
-            t0 = time.perf_counter()
-            if replay is not None:  # replay rows sit after the training rows in train_enc
-                n_train = len(enc["train"])
-                share = cfg.strategy.replay.fraction
-                with_replay = []
-                for b in batches:
-                    k = max(1, round(len(b) * share / (1 - share)))
-                    while len(replay_order) < k:
-                        replay_order.extend((n_train + replay_rng.permutation(len(train_enc) - n_train)).tolist())
-                    with_replay.append(b + replay_order[:k])
-                    replay_seen += k
-                    del replay_order[:k]
-                batches = with_replay
-            t0 = time.perf_counter()
-            for w in range(0, len(batches), cfg.optim.grad_accum):
-                changed = strategy.update(step, epoch)  # gradual unfreezing: more blocks join
-                if changed:
-                    if world > 1:  # DDP registers the trainable set when it wraps: wrap again
-                        train_model = accelerator.prepare_model(accelerator.unwrap_model(train_model))
-                    set_train_mode(train_model)
-                    progress.console.print(changed)
-                window = batches[w : w + cfg.optim.grad_accum]
-                window_size = sum(len(b) for b in window)
-                for j, global_batch in enumerate(window):
-                    idx = shard(global_batch, rank, world)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_enc, idx).items()}
-                    # Gradients are all-reduced only on the last micro-batch of the window.
-                    sync = j == len(window) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
-                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            loss = task.step(train_model, batch)["loss"]
-                        # weight by this batch's share of the window: exact mean over all its examples
-                        accelerator.backward(loss * (len(global_batch) / window_size))
-                    running_loss += loss.detach() * len(idx)
-                    running_n += len(idx)
-                    tokens += sum(len(train_enc.input_ids[i]) for i in global_batch)  # host-side: no device sync
-                if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
-                    anchor.add_l2sp_grad_(cfg.strategy.l2sp)
-                if cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples += window_size
-                progress.advance(bar)
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    elapsed = train_time + time.perf_counter() - t0
-                    mean_loss = running_loss.item() / max(running_n, 1)  # host-device sync, once per log step
-                    running_loss.zero_()
-                    running_n = 0
-                    speed = samples / elapsed
-                    progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{speed:.1f}")
-                    record = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
-                              "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed}
-                    if cfg.strategy.l2sp and anchor is not None:
-                        record["l2sp_distance"] = anchor.distance()
-                    write(record)
-                if cfg.eval.every_epoch and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    train_time += time.perf_counter() - t0
-                    stop = validate(epoch)
-                    t0 = time.perf_counter()
-                    if stop:
-                        stopped_early = True
-                        break
-            train_time += time.perf_counter() - t0
-            if stopped_early:
-                break
-            if cfg.eval.every_epoch and not cfg.train.eval_every and validate(epoch):
-                stopped_early = True
-                break
+    try:
+        with progress if not (quiet or not main) else contextlib.nullcontext():
+            for epoch in range(start_epoch, cfg.optim.epochs + 1):
+                progress.update(bar, epoch=epoch)
+                if epoch == start_epoch and epoch_replay is not None:  # resuming inside this epoch
+                    replay_rng.bit_generator.state = epoch_replay["rng"]
+                    replay_order, replay_seen = list(epoch_replay["order"]), epoch_replay["seen"]
+                epoch_replay = {"rng": replay_rng.bit_generator.state, "order": list(replay_order), "seen": replay_seen}
+                batches = make_batches(enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
+                                       group_by_length=cfg.train.group_by_length)
+                if world > 1:  # every process must step together: drop a final batch too small to split
+                    batches = [b for b in batches if len(b) >= world]
+                t0 = time.perf_counter()
+                if replay is not None:  # replay rows sit after the training rows in train_enc
+                    n_train = len(enc["train"])
+                    share = cfg.strategy.replay.fraction
+                    with_replay = []
+                    for b in batches:
+                        k = max(1, round(len(b) * share / (1 - share)))
+                        while len(replay_order) < k:
+                            replay_order.extend((n_train + replay_rng.permutation(len(train_enc) - n_train)).tolist())
+                        with_replay.append(b + replay_order[:k])
+                        replay_seen += k
+                        del replay_order[:k]
+                    batches = with_replay
+                t0 = time.perf_counter()
+                first = start_window if epoch == start_epoch else 0
+                for w in range(first, len(batches), cfg.optim.grad_accum):
+                    changed = strategy.update(step, epoch)  # gradual unfreezing: more blocks join
+                    if changed:
+                        if world > 1:  # DDP registers the trainable set when it wraps: wrap again
+                            train_model = accelerator.prepare_model(accelerator.unwrap_model(train_model))
+                        set_train_mode(train_model)
+                        progress.console.print(changed)
+                    window = batches[w : w + cfg.optim.grad_accum]
+                    window_size = sum(len(b) for b in window)
+                    for j, global_batch in enumerate(window):
+                        idx = shard(global_batch, rank, world)
+                        batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_enc, idx).items()}
+                        # Gradients are all-reduced only on the last micro-batch of the window.
+                        sync = j == len(window) - 1
+                        with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
+                            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                                loss = task.step(train_model, batch)["loss"]
+                            # weight by this batch's share of the window: exact mean over all its examples
+                            accelerator.backward(loss * (len(global_batch) / window_size))
+                        window_loss += loss.detach() * len(idx)  # counted once the step is known to be finite
+                        window_n += len(idx)
+                        tokens += sum(len(train_enc.input_ids[i]) for i in global_batch)  # host-side: no device sync
+                    if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
+                        anchor.add_l2sp_grad_(cfg.strategy.l2sp)
+                    if cfg.optim.max_grad_norm:
+                        norm = accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.max_grad_norm)
+                    else:
+                        grads = [p.grad for p in train_model.parameters() if p.grad is not None]
+                        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+                    # A host-device sync per step, on purpose: a NaN/inf gradient must never reach the
+                    # weights. Gradients are all-reduced, so every process decides the same way.
+                    if not bool(torch.isfinite(norm)):
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()  # the batch is consumed: the schedule stays aligned with the data
+                        step += 1
+                        skipped_steps += 1
+                        bad_in_row += 1
+                        window_loss.zero_()
+                        window_n = 0
+                        write({"type": "skip", "step": step, "epoch": epoch, "reason": "non-finite gradient"})
+                        progress.console.print(f"step {step}: gradient is NaN/inf, step skipped ({bad_in_row} in a row)")
+                        if bad_in_row >= cfg.train.max_bad_steps:
+                            if log:
+                                log.close()
+                            raise UserError(
+                                f"the gradient was NaN/inf for {bad_in_row} steps in a row (last at step {step}, "
+                                f"lr {scheduler.get_last_lr()[-1]:.1e}); nothing was saved. Lower optim.lr (see "
+                                "`tunesmith lr-find`) or use train.precision=fp32"
+                            )
+                        progress.advance(bar)
+                        stop_if_interrupted(epoch, w + cfg.optim.grad_accum, t0)
+                        continue
+                    bad_in_row = 0
+                    running_loss += window_loss
+                    running_n += window_n
+                    window_loss.zero_()
+                    window_n = 0
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    samples += window_size
+                    progress.advance(bar)
+                    if step % cfg.train.log_every == 0 or step == total_steps:
+                        elapsed = train_time + time.perf_counter() - t0
+                        mean_loss = running_loss.item() / max(running_n, 1)  # host-device sync, once per log step
+                        running_loss.zero_()
+                        running_n = 0
+                        speed = samples / elapsed
+                        progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{speed:.1f}")
+                        record = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
+                                  "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed}
+                        if cfg.strategy.l2sp and anchor is not None:
+                            record["l2sp_distance"] = anchor.distance()
+                        write(record)
+                    if cfg.eval.every_epoch and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                        train_time += time.perf_counter() - t0
+                        stop = validate(epoch)
+                        t0 = time.perf_counter()
+                        if stop:
+                            stopped_early = True
+                            break
+                    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                        save_checkpoint(epoch, w + cfg.optim.grad_accum, t0)
+                    stop_if_interrupted(epoch, w + cfg.optim.grad_accum, t0)
+                train_time += time.perf_counter() - t0
+                if stopped_early:
+                    break
+                if cfg.eval.every_epoch and not cfg.train.eval_every and validate(epoch):
+                    stopped_early = True
+                    break
+                if cfg.train.checkpoint_epochs:
+                    save_checkpoint(epoch + 1, 0, time.perf_counter())
+    finally:
+        for s_, h in handlers.items():
+            signal.signal(s_, h)
     train_peak = peak_rss_mb()
 
     # 8. Best weights back, final evaluation on the held-out test set.
@@ -383,6 +527,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         "steps": step,
         "epochs_run": epoch,
         "stopped_early": stopped_early,
+        "skipped_steps": skipped_steps,
         "best_step": best_step,
         "precision": precision,
         "processes": world,
@@ -408,13 +553,20 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     if main:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = strategy.save(unwrapped, task, tmp)
+        try:
+            unwrapped = strategy.save(unwrapped, task, tmp)
+        except OSError as e:  # a full disk, a quota: the half-written copy goes, an older model/ stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"writing the model to {tmp} failed: {e.strerror or e}; nothing was replaced") from None
         shutil.rmtree(out / "model", ignore_errors=True)
         os.replace(tmp, out / "model")
         log.close()
         tmp_eval = out / "eval.json.tmp"
         tmp_eval.write_text(json.dumps(ev, indent=2), encoding="utf-8")
         os.replace(tmp_eval, out / "eval.json")
+        shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)  # a finished run does not resume: model/ has the result
+        if lock is not None:
+            lock.close()
         console.print(results_table(ev))
         if len(data.labels) <= 30:
             console.print(per_class_table(ev["after"]))

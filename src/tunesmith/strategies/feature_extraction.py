@@ -13,6 +13,13 @@ precision. A second run on the same data skips the backbone entirely.
 
 `head: mlp` puts a one-hidden-layer MLP in place of a linear head; the saved config records it
 (`tunesmith_head`) and `tunesmith.load` rebuilds it (plain `from_pretrained` would not).
+
+`pooling: mean` caches the attention-masked mean of the last hidden states instead and trains a
+new head on it: what sentence-transformers models (the packaged MiniLM among them) were trained
+to produce, where the CLS pooler that Hugging Face's classification head reads was not.
+`pooling: auto` (the default) takes mean when the model ships a sentence-transformers pooling
+config that says mean, else the model's own head input. A mean-pooled head is recorded in
+`tunesmith_head` too: `tunesmith.load` predicts with it; plain `from_pretrained` cannot.
 """
 
 from __future__ import annotations
@@ -45,6 +52,27 @@ def make_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, out_features))
 
 
+def make_head(spec: dict[str, Any]) -> nn.Module:
+    if spec["type"] == "mlp":
+        return make_mlp(spec["in_features"], spec["hidden"], spec["out_features"])
+    return nn.Linear(spec["in_features"], spec["out_features"])
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def sentence_transformers_pooling(model_dir: Path) -> str | None:
+    """'mean' when the directory's sentence-transformers pooling config says mean tokens."""
+    cfg = Path(model_dir) / "1_Pooling" / "config.json"
+    try:
+        pooling = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return "mean" if pooling.get("pooling_mode_mean_tokens") else None
+
+
 def restore_custom_head(model: nn.Module, model_dir: Path) -> None:
     """Rebuild a head that `feature-extraction` replaced (config `tunesmith_head`) and load its weights."""
     spec = getattr(model.config, "tunesmith_head", None)
@@ -53,7 +81,7 @@ def restore_custom_head(model: nn.Module, model_dir: Path) -> None:
     from safetensors.torch import load_file
 
     old = model.get_submodule(spec["module"])
-    mlp = make_mlp(spec["in_features"], spec["hidden"], spec["out_features"])
+    mlp = make_head(spec)
     parent_name, _, child = spec["module"].rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, mlp)
     state = load_file(str(model_dir / "model.safetensors"))
@@ -127,20 +155,33 @@ class FeatureExtraction(BaseStrategy):
         model = parts.model
         self.head_name = _head_module(model, parts.head)
         head = model.get_submodule(self.head_name)
-        if self.config.head == "mlp":
+        pooling = self.config.pooling
+        if pooling == "auto":
+            pooling = sentence_transformers_pooling(Path(str(getattr(model, "name_or_path", "")))) or "head"
+        self.pooling = pooling
+        spec = None
+        if pooling == "mean":  # a new head on mean-pooled hidden states, in place of the model's own
+            n_out = model.config.num_labels
+            spec = {"type": self.config.head, "pooling": "mean", "module": self.head_name,
+                    "in_features": model.config.hidden_size, "hidden": self.config.head_hidden, "out_features": n_out}
+        elif self.config.head == "mlp":
             if not isinstance(head, nn.Linear):
                 raise UserError(
                     f"strategy.head: mlp replaces a linear head, but this model's head ({self.head_name}) is a "
                     f"{type(head).__name__}; use head: linear"
                 )
-            mlp = make_mlp(head.in_features, self.config.head_hidden, head.out_features)
+            spec = {"type": "mlp", "module": self.head_name, "in_features": head.in_features,
+                    "hidden": self.config.head_hidden, "out_features": head.out_features}
+        if spec is not None:
+            new = make_head(spec)
+            for m in new.modules():  # the initialisation transformers gives classification heads
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=getattr(model.config, "initializer_range", 0.02))
+                    nn.init.zeros_(m.bias)
             parent, _, child = self.head_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, mlp)
-            model.config.tunesmith_head = {
-                "type": "mlp", "module": self.head_name, "in_features": head.in_features,
-                "hidden": self.config.head_hidden, "out_features": head.out_features,
-            }
-            parts.head = [f"{self.head_name}.{n}" for n, _ in mlp.named_parameters()]
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            model.config.tunesmith_head = spec
+            parts.head = [f"{self.head_name}.{n}" for n, _ in new.named_parameters()]
         freeze(list(model.named_parameters()))
         head_params = parts.params(parts.head)
         unfreeze(head_params)
@@ -161,7 +202,11 @@ class FeatureExtraction(BaseStrategy):
                 batch = {k: v.to(device) for k, v in task.collate(enc, b).items() if k != "labels"}
                 captured.clear()
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    model(**batch)
+                    if self.pooling == "mean":  # the backbone alone; its own pooler and head are not used
+                        hidden = model.base_model(**batch).last_hidden_state
+                        captured.append(mean_pool(hidden.float(), batch["attention_mask"]))
+                    else:
+                        model(**batch)
                 x = captured[0]
                 if x.ndim == 3:
                     if self.first_token is None:  # does the head read only the first token itself?
@@ -194,7 +239,7 @@ class FeatureExtraction(BaseStrategy):
         info: dict[str, Any] = {"cache_dir": str(root)}
         for split, e in enc.items():
             key = hashlib.sha256(
-                json.dumps([CACHE_VERSION, identity, self.head_name, str(amp), _data_digest(e)]).encode()
+                json.dumps([CACHE_VERSION, identity, self.head_name, self.pooling, str(amp), _data_digest(e)]).encode()
             ).hexdigest()[:32]
             path = root / f"{key}.safetensors"
             t0 = time.perf_counter()
@@ -212,9 +257,10 @@ class FeatureExtraction(BaseStrategy):
                 cached = False
             seconds = time.perf_counter() - t0
             info[split] = {"rows": len(e), "cached": cached, "key": key, "seconds": seconds}
-            console.print(f"features: {split} {len(e)} rows, {'read from cache' if cached else 'computed'} "
+            console.print(f"features: {split} {len(e)} rows ({self.pooling} pooling), {'read from cache' if cached else 'computed'} "
                           f"in {seconds:.1f} s ({path})")
             out[split] = Features(feats, e.labels)
         info["dim"] = int(next(iter(out.values())).features.shape[-1])
+        info["pooling"] = self.pooling
         head = model.get_submodule(self.head_name)
         return FeatureHead(head, bool(self.first_token)), out, info

@@ -30,6 +30,7 @@ from tunesmith.data.text import (
 )
 from tunesmith.errors import UserError
 from tunesmith.models import ResolvedModel
+from tunesmith.models.safety import check_weights_safety
 from tunesmith.registry import TASKS
 
 # Validation metrics the best-model choice may use; 'loss' is minimised, the rest maximised.
@@ -121,10 +122,11 @@ class TextClassification:
         from transformers.utils import logging as hf_logging
 
         path = str(resolved.path)
+        remote = check_weights_safety(resolved, self.config)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **remote)
             hf_config = AutoConfig.from_pretrained(
-                path,
+                path, **remote,
                 num_labels=len(self.labels),
                 id2label=dict(enumerate(self.labels)),
                 label2id={l: i for i, l in enumerate(self.labels)},
@@ -138,7 +140,7 @@ class TextClassification:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    path, config=hf_config, ignore_mismatched_sizes=True, output_loading_info=True
+                    path, config=hf_config, ignore_mismatched_sizes=True, output_loading_info=True, **remote
                 )
         except ValueError as e:
             raise UserError(f"model '{resolved.spec}' has no sequence-classification head class: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,36 @@
+"""Loading weights without running someone else's code.
+
+safetensors files hold tensors only. Pickle-based files (.bin, .pt, .pth, .ckpt) can run code
+when unpickled: a model that has only those is refused unless the config sets
+`allow_pickle: true`, and even then transformers loads them with `torch.load(weights_only=True)`.
+`trust_remote_code` (Python files shipped with a hub model) stays off unless the config turns it
+on, and then the run says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_safety(resolved: Any, config: Any) -> dict[str, Any]:
+    """Refuse pickle-only weights unless allowed; returns the `trust_remote_code` kwargs."""
+    path = Path(resolved.path)
+    if path.is_dir():
+        safe = list(path.glob("*.safetensors"))
+        pickled = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES and "training_args" not in f.name)
+        if pickled and not safe and not config.allow_pickle:
+            raise UserError(
+                f"model '{resolved.spec}' ({path}) has only pickle-based weights ({', '.join(pickled[:3])}), which can run "
+                "code when loaded; convert them to safetensors, or set allow_pickle: true to load them with "
+                "torch.load(weights_only=True)"
+            )
+    if config.trust_remote_code:
+        print(f"tunesmith: warning: trust_remote_code is on: Python code from {path} will run", file=sys.stderr)
+        return {"trust_remote_code": True}
+    return {}

@@ -1,0 +1,153 @@
+"""Kill a run with SIGKILL (at a step, or in the middle of writing a checkpoint), resume it, and
+get bit-for-bit the weights of a run that never stopped; Ctrl-C writes a checkpoint and says how
+to resume; a changed config is refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import POS, NEG, NEU, SPECIAL, make_texts, write_csv
+
+WORKER = Path(__file__).with_name("_resume_worker.py")
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory):
+    """The tiny BERT with dropout on, so that resuming must restore the RNG to match."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-bert-dropout")
+    vocab = SPECIAL + sorted(set(POS + NEG + NEU))
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.1)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def resume_config(make_config, dropout_model_dir, data_dir):
+    write_csv(data_dir / "general.csv", make_texts(30, seed=11))
+
+    def make(out, **extra):
+        cfg = make_config(model=str(dropout_model_dir), output_dir=str(out), resume="auto",
+                          optim={"epochs": 3, "batch_size": 16},
+                          strategy={"name": "full", "replay": {"file": str(data_dir / "general.csv"), "fraction": 0.2}},
+                          train={"checkpoint_every": 2, "keep_checkpoints": 2, "max_length": 32, "seed": 0, "log_every": 1})
+        for k, v in extra.items():
+            cfg[k].update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+        return cfg
+
+    return make
+
+
+def pythonpath():
+    return os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])
+
+
+def work(tmp_path, cfg, env=None, name="w"):
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath(), **(env or {})}
+    return subprocess.run([sys.executable, str(WORKER), str(d / "cfg.json"), str(d)], capture_output=True, text=True,
+                          env=e, timeout=300), d
+
+
+def final(d):
+    return load_file(str(d / "final.safetensors"))
+
+
+_UNINTERRUPTED: dict[str, dict] = {}
+
+
+@pytest.fixture
+def uninterrupted(tmp_path, resume_config):
+    """Weights of the run that never stopped (the same seeded data every test: computed once)."""
+    if "weights" not in _UNINTERRUPTED:
+        proc, d = work(tmp_path, resume_config(tmp_path / "plain-run"), name="plain")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        _UNINTERRUPTED["weights"] = final(d)
+    return _UNINTERRUPTED["weights"]
+
+
+@pytest.mark.parametrize("kill", [
+    {"KILL_AT_CALL": "3"},          # mid-epoch 1, after the checkpoint at step 2
+    {"KILL_AT_CALL": "8"},          # epoch 2, after the epoch-1 checkpoint and step 8's
+    {"KILL_AT_CALL": "16"},         # epoch 3, just before the end
+    {"KILL_IN_CHECKPOINT": "6"},    # while writing the end-of-epoch-1 checkpoint
+    {"KILL_IN_CHECKPOINT": "10"},   # while writing a mid-epoch checkpoint
+], ids=["step3", "step8", "step16", "in-ckpt6", "in-ckpt10"])
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, resume_config, uninterrupted, kill):
+    out = tmp_path / "run"
+    proc, d = work(tmp_path, resume_config(out), env=kill)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "eval.json").exists()
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
+    if "KILL_IN_CHECKPOINT" in kill:
+        assert (out / "checkpoints" / f"step-{int(kill['KILL_IN_CHECKPOINT']):06d}.tmp").exists()  # the torn write
+        assert int(kill["KILL_IN_CHECKPOINT"]) not in steps  # ... never looks like a checkpoint
+    proc, d = work(tmp_path, resume_config(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = final(d)
+    for k, v in uninterrupted.items():
+        torch.testing.assert_close(resumed[k], v, atol=1e-6, rtol=0, msg=f"{k} differs after resume")
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["train"]["steps"] == 18 and ev["data"]["replay"]["samples_seen"] == 18 * 4
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == list(range(1, 19))  # no step lost or logged twice
+    assert not (out / "checkpoints").exists()  # a finished run keeps model/, not its checkpoints
+
+
+def test_sigint_writes_a_checkpoint_and_says_how_to_resume(tmp_path, resume_config, uninterrupted):
+    out = tmp_path / "run"
+    cfg = resume_config(out, train={"checkpoint_every": 0})
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STEP_DELAY": "0.3", "PYTHONPATH": pythonpath()}
+    p = subprocess.Popen([sys.executable, str(WORKER), str(d / "cfg.json"), str(d)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first logged step
+        m = out / "metrics.jsonl"
+        if m.exists() and '"type": "train"' in m.read_text():
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "interrupted by SIGINT after step" in err and "resume with: tunesmith train" in err
+    assert any((out / "checkpoints").iterdir())
+    proc, d2 = work(tmp_path, cfg, name="w2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = final(d2)
+    for k, v in uninterrupted.items():
+        torch.testing.assert_close(resumed[k], v, atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_refuses_a_changed_config_but_allows_more_epochs(tmp_path, resume_config):
+    out = tmp_path / "run"
+    proc, _ = work(tmp_path, resume_config(out), env={"KILL_AT_CALL": "8"})
+    assert proc.returncode == -signal.SIGKILL
+    proc, _ = work(tmp_path, resume_config(out, optim={"lr": 1e-2, "batch_size": 8}))
+    assert proc.returncode == 2
+    assert "the config changed in optim.batch_size, optim.lr" in proc.stderr
+    proc, d = work(tmp_path, resume_config(out, optim={"epochs": 4}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "eval.json").read_text())["train"]["steps"] == 24
+
+
+def test_resume_true_without_a_checkpoint_is_an_error(tmp_path, resume_config):
+    proc, _ = work(tmp_path, resume_config(tmp_path / "fresh", resume=True))
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
