@@ -147,9 +147,17 @@ def _data_digest(enc: Any) -> str:
 @STRATEGIES.register("feature-extraction")
 class FeatureExtraction(BaseStrategy):
     name = "feature-extraction"
-    default_lr = 1e-3
+    default_lr = 1e-2
     description = "frozen backbone run once, features cached on disk; only the head trains on them"
     trains_backbone = False
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        # A linear head on fixed features is logistic regression: it wants a larger step than a head
+        # trained through a backbone (MiniLM, 1,000 rows, 3 epochs: accuracy 0.664 at 1e-3, 0.741 at
+        # 1e-2). An MLP head keeps 1e-3.
+        if config is not None and config.head == "mlp":
+            self.default_lr = 1e-3
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         model = parts.model

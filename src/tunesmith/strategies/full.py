@@ -17,6 +17,12 @@ class Full(BaseStrategy):
     default_lr = 2e-5
     description = "every weight trains (low learning rate); layer_decay for discriminative rates"
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        if config is not None and config.layer_decay is not None:
+            # with layer decay `lr` is the head's rate: the lower blocks get the usual full rate
+            self.default_lr = 1e-4
+
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         unfreeze(list(parts.model.named_parameters()))
         if self.config is not None and self.config.layer_decay is not None:
