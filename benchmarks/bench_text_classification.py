@@ -235,8 +235,8 @@ def main() -> None:
     peak16 = _matmul_peak("bfloat16")
     print(f"\nCPU matmul peak: float32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s (2048^2)")
     print(f"{args.n_train} train / {args.n_test} held-out rows, batch {args.batch_size}, 1 epoch, max length {args.max_length}\n")
-    print(f"| tool | samples/s | train s | peak RSS MB | accuracy | GFLOP/s | of fp32 peak |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| tool | samples/s | train s | peak RSS MB | accuracy | GFLOP/s | of fp32 peak |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         gf = flops / r["runtime_s"]
         print(

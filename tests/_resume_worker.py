@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import tunesmith
 import tunesmith.checkpoint as ckpt
-from tunesmith.loop import Interrupted
+from tunesmith.errors import Interrupted
 from tunesmith.tasks.text_classification import TextClassification
 
 config, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from conftest import make_texts, write_csv, write_jsonl

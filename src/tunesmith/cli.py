@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import UserError
+from tunesmith.errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -258,13 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # Interrupted: a checkpoint was written; say how to go on
-        from tunesmith.loop import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"tunesmith: {e}".replace("CONFIG", getattr(args, "config", "CONFIG")), file=sys.stderr)
-            return e.exit_code
-        raise
+    except Interrupted as e:  # a checkpoint was written; say how to go on
+        print(f"tunesmith: {e}".replace("CONFIG", getattr(args, "config", "CONFIG")), file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
 from tunesmith import checkpoint, runlock
-from tunesmith.errors import UserError
+from tunesmith.errors import Interrupted, UserError
 from tunesmith.metrics import linear_probe
 from tunesmith.models import resolve_model
 from tunesmith.optim import build_optimizer, build_scheduler
@@ -45,14 +45,6 @@ from tunesmith.strategies.base import ModelParts, count_params
 from tunesmith.strategies.guards import Anchor
 
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped training after a checkpoint; `exit_code` is 128 + the signal."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -158,17 +150,6 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     console.print(param_table(groups, lr_fixed))
     if trainable == 0:
         raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
-    # Starting copies of the pre-trained weights that may train: for L2-SP and the moved report.
-    anchor = None
-    if strategy.trains_backbone:
-        head_ids = {id(p) for _, p in parts.params(parts.head)}
-        try:
-            group_of = {n: g for g, names, _ in parts.layers.ordered() for n in names}
-        except UserError:
-            group_of = {}
-        anchored = [(n, p) for n, p in model.named_parameters() if id(p) in may_train and id(p) not in head_ids]
-        anchor = Anchor(anchored, group_of, on_device=False, checkpoint_dir=resolved.path,
-                        prefix=getattr(model, "base_model_prefix", "")) if anchored else None
 
     # 4. Tokenize once; every epoch reuses the ids.
     enc = {s.name: task.encode(s) for s in (data.train, data.validation, data.test)}
@@ -180,8 +161,14 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     amp = autocast_dtype(precision)
     console.print(f"device: {device.type}, {world} process(es), precision {precision}")
     model.to(device)
-    if anchor is not None and cfg.strategy.l2sp:
-        anchor = Anchor(list(zip(anchor.names, anchor.params)), anchor.group_of, on_device=True)
+    # Starting values of the pre-trained weights that may train: for L2-SP and the moved report.
+    anchor = None
+    if strategy.trains_backbone:
+        head_ids = {id(p) for _, p in parts.params(parts.head)}
+        anchored = [(n, p) for n, p in model.named_parameters() if id(p) in may_train and id(p) not in head_ids]
+        if anchored:
+            anchor = Anchor(anchored, parts.group_of(), on_device=bool(cfg.strategy.l2sp), checkpoint_dir=resolved.path,
+                            prefix=getattr(model, "base_model_prefix", ""))
 
     # feature-extraction: the frozen backbone runs once (or its cached output is read back) and
     # from here on the loop trains the head alone on those features.
@@ -192,6 +179,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     train_enc = enc["train"]
     if replay is not None:
         train_enc = enc["train"].concat(task.encode(replay))
+    train_lengths = train_enc.lengths
 
     # Learning rate: fixed, or from the range test (weights and RNG restored after it).
     lr, found = lr_fixed, None
@@ -426,7 +414,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                             accelerator.backward(loss * (len(global_batch) / window_size))
                         window_loss += loss.detach() * len(idx)  # counted once the step is known to be finite
                         window_n += len(idx)
-                        tokens += sum(len(train_enc.input_ids[i]) for i in global_batch)  # host-side: no device sync
+                        tokens += sum(train_lengths[i] for i in global_batch)  # host-side: no device sync
                     if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
                         anchor.add_l2sp_grad_(cfg.strategy.l2sp)
                     if cfg.optim.max_grad_norm:

@@ -36,14 +36,12 @@ class TextClassifier:
         hf_logging.set_verbosity_error()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-            from tunesmith.strategies.feature_extraction import restore_custom_head
+            from tunesmith.models.heads import restore_custom_head
 
-            restore_custom_head(self.model, model_dir)  # an MLP head from feature-extraction
+            # an MLP or mean-pooled head from feature-extraction is rebuilt from config.json
+            self.model = restore_custom_head(AutoModelForSequenceClassification.from_pretrained(model_dir), model_dir).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
-        spec = getattr(self.model.config, "tunesmith_head", None) or {}
-        self.mean_pooled_head = self.model.get_submodule(spec["module"]) if spec.get("pooling") == "mean" else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         cfg = self.model.config
@@ -64,14 +62,7 @@ class TextClassifier:
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         for b in make_batches([len(x) for x in ids], batch_size, seed=0, epoch=0, shuffle=False):
             batch = pad_batch([ids[i] for i in b], self.tokenizer.pad_token_id or 0)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            if self.mean_pooled_head is not None:  # feature-extraction with pooling: mean
-                from tunesmith.strategies.feature_extraction import mean_pool
-
-                pooled = mean_pool(self.model.base_model(**batch).last_hidden_state.float(), batch["attention_mask"])
-                out[b] = self.mean_pooled_head(pooled).float().cpu().numpy()
-            else:
-                out[b] = self.model(**batch).logits.float().cpu().numpy()
+            out[b] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu().numpy()
         return out
 
     def predict(self, texts: str | list[str], batch_size: int = 64) -> list[Prediction]:

@@ -21,10 +21,6 @@ class Features:
     def lengths(self) -> list[int]:
         return [1] * len(self)
 
-    @property
-    def input_ids(self) -> list[list[int]]:  # token counting in the loop: one "token" per row
-        return [[0]] * len(self)
-
     def __len__(self) -> int:
         return self.features.shape[0]
 

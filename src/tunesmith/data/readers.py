@@ -83,7 +83,6 @@ def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None)
         raise UserError(f"{path}:1: duplicate column name(s) {', '.join(repr(d) for d in dupes)} in the header")
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    line = reader.line_num
     while True:
         start = reader.line_num + 1
         try:

@@ -51,6 +51,13 @@ class ModelParts:
     def layers(self) -> LayerGroups:
         return layer_groups(self.model, self.head)
 
+    def group_of(self) -> dict[str, str]:
+        """Parameter name -> layer group name; empty for a family whose blocks are unknown."""
+        try:
+            return {n: g for g, names, _ in self.layers.ordered() for n in names}
+        except UserError:
+            return {}
+
     def params(self, names: list[str]) -> list[tuple[str, nn.Parameter]]:
         named = dict(self.model.named_parameters())
         return [(n, named[n]) for n in names]

@@ -38,6 +38,7 @@ from torch import nn
 
 from tunesmith.data.features import Features
 from tunesmith.errors import UserError
+from tunesmith.models.heads import make_head, mean_pool, sentence_transformers_pooling
 from tunesmith.registry import STRATEGIES
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, freeze, unfreeze
 
@@ -46,49 +47,6 @@ CACHE_VERSION = "tunesmith-features-1"
 
 def cache_root(configured: str | None) -> Path:
     return Path(configured or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith")
-
-
-def make_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, out_features))
-
-
-def make_head(spec: dict[str, Any]) -> nn.Module:
-    if spec["type"] == "mlp":
-        return make_mlp(spec["in_features"], spec["hidden"], spec["out_features"])
-    return nn.Linear(spec["in_features"], spec["out_features"])
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def sentence_transformers_pooling(model_dir: Path) -> str | None:
-    """'mean' when the directory's sentence-transformers pooling config says mean tokens."""
-    cfg = Path(model_dir) / "1_Pooling" / "config.json"
-    try:
-        pooling = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return "mean" if pooling.get("pooling_mode_mean_tokens") else None
-
-
-def restore_custom_head(model: nn.Module, model_dir: Path) -> None:
-    """Rebuild a head that `feature-extraction` replaced (config `tunesmith_head`) and load its weights."""
-    spec = getattr(model.config, "tunesmith_head", None)
-    if not spec:
-        return
-    from safetensors.torch import load_file
-
-    old = model.get_submodule(spec["module"])
-    mlp = make_head(spec)
-    parent_name, _, child = spec["module"].rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, mlp)
-    state = load_file(str(model_dir / "model.safetensors"))
-    prefix = spec["module"] + "."
-    mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    mlp.train(old.training)
-    del old
 
 
 class FeatureHead(nn.Module):

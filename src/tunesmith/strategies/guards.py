@@ -78,17 +78,8 @@ class Anchor:
         torch._foreach_add_([p.grad for p in params], diff, alpha=strength)
 
     @torch.no_grad()
-    def distance(self) -> float:
-        """||w - w0|| over all anchored weights."""
-        total = 0.0
-        for i, p in enumerate(self.params):
-            s = self._start(i)
-            total += float((p.detach().to(s.device, torch.float32) - s.float()).pow(2).sum())
-        return math.sqrt(total)
-
-    @torch.no_grad()
-    def moved(self) -> dict[str, float]:
-        """Relative L2 distance from the start, per layer group, bottom to top."""
+    def _squares(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Per layer group: sum of (w - w0)^2, sum of w0^2."""
         num: dict[str, float] = {}
         den: dict[str, float] = {}
         for i, (n, p) in enumerate(zip(self.names, self.params)):
@@ -96,7 +87,20 @@ class Anchor:
             s32 = self._start(i).float()
             num[g] = num.get(g, 0.0) + float((p.detach().to(s32.device, torch.float32) - s32).pow(2).sum())
             den[g] = den.get(g, 0.0) + float(s32.pow(2).sum())
-        return {g: math.sqrt(num[g]) / math.sqrt(den[g]) if den[g] > 0 else 0.0 for g in num}
+        return num, den
+
+    def distance(self) -> float:
+        """||w - w0|| over all anchored weights."""
+        return math.sqrt(sum(self._squares()[0].values()))
+
+    def moved(self) -> dict[str, float]:
+        """Relative L2 distance from the start, per layer group, bottom to top."""
+        return relative_l2(*self._squares())
+
+
+def relative_l2(num: dict[str, float], den: dict[str, float]) -> dict[str, float]:
+    """sqrt(sum of squared changes) / sqrt(sum of squared start values), per group."""
+    return {g: math.sqrt(num[g]) / math.sqrt(den[g]) if den[g] > 0 else 0.0 for g in num}
 
 
 def _checkpoint_keys(directory: Path, names: list[str], prefix: str) -> dict[str, tuple[Path, str]]:

@@ -9,7 +9,6 @@ LoRA classifier. The run's `model/` holds the merged model in plain Hugging Face
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 from tunesmith.errors import UserError
 from tunesmith.registry import STRATEGIES
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup
+from tunesmith.strategies.guards import relative_l2
 
 # Families PEFT's default table lacks.
 EXTRA_TARGETS = {
@@ -72,10 +72,7 @@ class Lora(BaseStrategy):
                 )
             if all(any(h == m or h.startswith(m + ".") for m in head_modules) for h in hits):
                 raise UserError(f"strategy.lora.target_modules: '{t}' only matches the new head, which trains fully anyway")
-        try:
-            self.group_of = {n: g for g, names, _ in parts.layers.ordered() for n in names}
-        except UserError:
-            self.group_of = {}
+        self.group_of = parts.group_of()
         lcfg = LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets),
             modules_to_save=head_modules, bias="none",
@@ -107,7 +104,7 @@ class Lora(BaseStrategy):
                 w = m.get_base_layer().weight.float()
                 num[g] = num.get(g, 0.0) + float(delta.pow(2).sum())
                 den[g] = den.get(g, 0.0) + float(w.pow(2).sum())
-        return {g: math.sqrt(num[g]) / math.sqrt(den[g]) for g in num if den[g] > 0}
+        return relative_l2(num, den)
 
     def save(self, model: nn.Module, task: Any, directory: Path) -> nn.Module:
         """The adapter (with its head) into directory/adapter, then the merged plain model."""

@@ -30,6 +30,7 @@ from tunesmith.data.text import (
 )
 from tunesmith.errors import UserError
 from tunesmith.models import ResolvedModel
+from tunesmith.models.heads import mean_pool
 from tunesmith.models.safety import check_weights_safety
 from tunesmith.registry import TASKS
 
@@ -80,7 +81,6 @@ class PreparedData:
 @TASKS.register("text-classification")
 class TextClassification:
     name = "text-classification"
-    metrics = METRICS
 
     def __init__(self, config: Config):
         self.config = config
@@ -237,9 +237,7 @@ class TextClassification:
                 out = model(**batch, output_hidden_states=want_features)
             logits[b] = out.logits.float().cpu().numpy()
             if want_features:
-                h = out.hidden_states[-1].float()
-                m = batch["attention_mask"].unsqueeze(-1).float()
-                pooled = ((h * m).sum(1) / m.sum(1)).cpu().numpy()
+                pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy()
                 if feats is None:
                     feats = np.zeros((len(enc), pooled.shape[1]), dtype=np.float32)
                 feats[b] = pooled
