@@ -18,6 +18,9 @@ from tunesmith.tasks.text_classification import TextClassification
 
 config, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 kill_at_call = int(os.environ.get("KILL_AT_CALL", "-1"))  # the Nth forward pass (0-based)
+# under torchrun: rank 0 kills torchrun and every worker at once (a machine dying; Linux /proc)
+kill_group_at_call = int(os.environ.get("KILL_GROUP_AT_CALL", "-1"))
+rank = int(os.environ.get("RANK", "0"))
 kill_in_checkpoint = int(os.environ.get("KILL_IN_CHECKPOINT", "-1"))  # a checkpoint's step number
 delay = float(os.environ.get("STEP_DELAY", "0"))
 original_step = TextClassification.step
@@ -27,6 +30,11 @@ calls = {"n": 0}
 def step(self, model, batch):
     if calls["n"] == kill_at_call:
         os.kill(os.getpid(), signal.SIGKILL)
+    if calls["n"] == kill_group_at_call and rank == 0:  # torchrun gives each worker a session of its own
+        parent = os.getppid()
+        siblings = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        for pid in [int(x) for x in siblings if int(x) != os.getpid()] + [parent, os.getpid()]:
+            os.kill(pid, signal.SIGKILL)
     calls["n"] += 1
     time.sleep(delay)
     return original_step(self, model, batch)
@@ -52,4 +60,4 @@ except Interrupted as e:
     print(f"tunesmith: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
 state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-save_file(state, str(out / "final.safetensors"))
+save_file(state, str(out / ("final.safetensors" if "WORLD_SIZE" not in os.environ else f"final-rank{rank}.safetensors")))

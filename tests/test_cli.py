@@ -91,7 +91,8 @@ def test_data_errors(make_config, tmp_path, data_dir):
     cfg = make_config(data={"train": str(data_dir / "empty_text.csv")})
     assert_user_error(cli("train", write_config(tmp_path, cfg)), "2 bad row(s)", "empty_text.csv:22: text is empty")
     proc = cli("validate", write_config(tmp_path, cfg), "data.bad_rows=skip")
-    assert proc.returncode == 0 and "skipped 2" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "2 row(s) skipped (data.bad_rows=skip)" in proc.stdout, proc.stderr
+    assert "empty_text.csv:22: text is empty" in proc.stdout and "ready to train" in proc.stdout
     assert not (tmp_path / "run").exists()
 
 

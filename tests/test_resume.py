@@ -151,3 +151,62 @@ def test_resume_refuses_a_changed_config_but_allows_more_epochs(tmp_path, resume
 def test_resume_true_without_a_checkpoint_is_an_error(tmp_path, resume_config):
     proc, _ = work(tmp_path, resume_config(tmp_path / "fresh", resume=True))
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+
+
+def test_two_processes_resume_after_sigkill_and_stop_together_on_sigterm(tmp_path, resume_config):
+    """torchrun with 2 CPU processes: the whole group killed at a step (a machine dying), then
+    resumed; SIGTERM to torchrun (a scheduler's preemption): both workers stop after the same step,
+    one checkpoint holds both RNG states. Either way the resumed run ends with the weights of a
+    2-process run that never stopped, on both ranks."""
+    from test_distributed import free_port
+
+    def torchrun(cfg, name, env=None, wait=True):
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        (d / "cfg.json").write_text(json.dumps(cfg))
+        e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(), **(env or {})}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(d / "cfg.json"), str(d)]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True)
+        if not wait:
+            return p, d
+        _, err = p.communicate(timeout=600)
+        return p.returncode, err, d
+
+    def both(d):
+        r0, r1 = (load_file(str(d / f"final-rank{r}.safetensors")) for r in (0, 1))
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+        return r0
+
+    rc, err, d = torchrun(resume_config(tmp_path / "plain"), "plain")
+    assert rc == 0, err[-3000:]
+    plain = both(d)
+
+    out = tmp_path / "killed"
+    rc, err, _ = torchrun(resume_config(out), "killed", env={"KILL_GROUP_AT_CALL": "8"})  # epoch 2, after step 8's checkpoint
+    assert rc == -signal.SIGKILL and not (out / "eval.json").exists()
+    ckpt = checkpoint_dirs = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoint_dirs and all((c / "rng-rank1.safetensors").exists() for c in ckpt)
+    rc, err, d = torchrun(resume_config(out), "killed-resume")
+    assert rc == 0, err[-3000:]
+    for k, v in both(d).items():
+        torch.testing.assert_close(v, plain[k], atol=1e-6, rtol=0, msg=f"{k} differs after a 2-process resume")
+
+    out = tmp_path / "preempted"
+    cfg = resume_config(out, train={"checkpoint_every": 0})
+    p, _ = torchrun(cfg, "preempted", env={"STEP_DELAY": "0.3"}, wait=False)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and '"type": "train"' in (out / "metrics.jsonl").read_text()):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
+    _, err = p.communicate(timeout=180)
+    assert p.returncode != 0 and not (out / "eval.json").exists(), err[-3000:]
+    assert err.count("interrupted by SIGTERM after step") == 2, err[-3000:]  # one line per worker, the same step
+    steps = {line.split("after step ")[1].split(";")[0] for line in err.splitlines() if "interrupted by SIGTERM" in line}
+    assert len(steps) == 1, steps
+    assert len(list((out / "checkpoints").glob("step-*"))) == 1
+    rc, err, d = torchrun(cfg, "preempted-resume")
+    assert rc == 0, err[-3000:]
+    for k, v in both(d).items():
+        torch.testing.assert_close(v, plain[k], atol=1e-6, rtol=0, msg=f"{k} differs after SIGTERM and resume")

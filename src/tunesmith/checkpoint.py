@@ -77,8 +77,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(out: Path, step: int, weights: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None,
-         optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int, best_step: int | None) -> Path:
-    """Write a checkpoint atomically; prune to the newest `keep` plus the best one."""
+         optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int, best_step: int | None,
+         rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+    """Write a checkpoint atomically; prune to the newest `keep` plus the best one.
+
+    `rng` holds every process's RNG state in rank order (gathered by the caller); without it, this
+    process's own."""
     from safetensors.torch import save_file
 
     root = out / DIR
@@ -92,10 +96,11 @@ def save(out: Path, step: int, weights: dict[str, torch.Tensor], best: dict[str,
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        ranks = rng if rng is not None else [rng_state()]  # one (tensors, meta) per process, rank order
+        for r, (tensors, _) in enumerate(ranks):
+            save_file(tensors, str(tmp / ("rng.safetensors" if r == 0 else f"rng-rank{r}.safetensors")))
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump({**state, "rng": rng_meta}, f)
+            json.dump({**state, "rng": ranks[0][1], "rng_ranks": [m for _, m in ranks]}, f)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -134,16 +139,21 @@ def latest(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, rank: int = 0) -> dict[str, Any]:
+    """A checkpoint's contents; the RNG state is this rank's (rank 0's when it was saved by fewer processes)."""
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    own = rank if rank < len(ranks) else 0
+    state["rng"] = ranks[own]
     return {
         "state": state,
         "weights": load_file(str(path / "weights.safetensors")),
         "best": load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None,
         "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        "rng_tensors": load_file(str(path / "rng.safetensors")),
+        "rng_tensors": load_file(str(path / ("rng.safetensors" if own == 0 else f"rng-rank{own}.safetensors"))),
+        "rng_world": len(ranks),
     }
 
 

@@ -41,9 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
-    v = sub.add_parser("validate", help="check a config and its data files without training")
+    v = sub.add_parser("validate", help="pre-flight report on a config's data: counts, labels, duplicates, lengths, bad rows")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
 
     e = sub.add_parser("eval", help="evaluate a finished run on a labelled file")
     e.add_argument("run_dir")
@@ -84,19 +85,30 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from tunesmith.config import load_config
+    from tunesmith.models.resolve import resolve_model
     from tunesmith.registry import TASKS
 
     cfg = load_config(a.config, a.overrides)
     task = TASKS.get(cfg.task)(cfg)
-    data = task.load_data()
-    for s in (data.train, data.validation, data.test):
-        from collections import Counter
-
-        counts = Counter(l for ls in s.labels for l in (ls if data.multi_label else [ls]))
-        dist = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
-        print(f"{s.name:<10} {len(s):>6} rows  {s.source}  skipped {s.skipped}  labels {{{dist}}}")
-    print(f"ok: {a.config} is ready to train ({len(data.labels)} labels{', multi-label' if data.multi_label else ''})")
+    tokenizer, why = None, None
+    try:
+        tokenizer = task.load_tokenizer(resolve_model(cfg.model))
+    except UserError as e:  # the data is still checked; the model problem is reported with it
+        why = str(e)
+    report = task.validate(tokenizer)
+    if why:
+        report.errors.append(why)
+    if a.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        report.render(Console(highlight=False, soft_wrap=True))
+    if not report.ok:
+        raise UserError(f"{a.config}: {len(report.errors)} problem(s) stop training; first: {report.errors[0]}")
+    if not a.json:
+        print(f"ok: {a.config} is ready to train ({len(report.warnings)} warning(s))")
     return 0
 
 

@@ -34,7 +34,7 @@ class DataConfig(_Section):
     validation_size: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
     test_size: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for testing when no test file is given.")
     bad_rows: Literal["error", "skip"] = Field(
-        "error", description="Rows with empty or non-string text or no label: 'error' lists them and stops; 'skip' drops and counts them."
+        "error", description="Unusable rows (a malformed line, empty or non-string text, no label): 'error' lists them and stops; 'skip' drops and counts them."
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick experiments).")
 

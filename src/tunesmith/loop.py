@@ -111,9 +111,15 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                 checkpoint.check_config_change(saved["config"], user_config, resume_from)
     set_seed(cfg.train.seed)
 
-    # 1. Task and strategy by name; all data read and checked before any model loads.
+    # 1. Task and strategy by name; every data file read and checked (the pre-flight report of
+    # `tunesmith validate`) before any model weights load.
     task = TASKS.get(cfg.task)(cfg)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
+    resolved = resolve_model(cfg.model)
+    report = task.validate(task.load_tokenizer(resolved))
+    report.render(console, full=False)
+    if not report.ok:
+        raise UserError(report.error_line())
     data = task.load_data()
     for s in (data.train, data.validation, data.test):
         skipped = f", {s.skipped} bad rows skipped" if s.skipped else ""
@@ -125,7 +131,6 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         console.print(f"replay: {len(replay)} rows from {replay.source}, {cfg.strategy.replay.fraction:.0%} of every batch")
 
     # 2. Model: the pre-trained backbone with a new head sized to the labels.
-    resolved = resolve_model(cfg.model)
     model, head, discarded = task.load_model(resolved)
     console.print(f"model: {cfg.model} ({resolved.source}, {resolved.path})")
     console.print(
@@ -285,8 +290,11 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     start_epoch, start_window = 1, 0
     epoch_replay: dict[str, Any] | None = None  # the replay sampler as it was when an epoch's batches were drawn
     if resume_from is not None:
-        resumed = checkpoint.load(resume_from)
+        resumed = checkpoint.load(resume_from, rank)
         st = resumed["state"]
+        if resumed["rng_world"] != world:
+            console.print(f"note: the checkpoint was written by {resumed['rng_world']} process(es), this run has {world}: "
+                          "random streams (dropout) do not continue exactly")
         with torch.no_grad():
             named = dict(trainable_params)
             for n, t in resumed["weights"].items():
@@ -304,6 +312,10 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         console.print(f"resumed from {resume_from} (step {step}, epoch {start_epoch})")
 
     def save_checkpoint(next_epoch: int, next_window: int, t0: float) -> Path | None:
+        # every process calls this at the same step: each one's RNG state goes into the checkpoint
+        rng = [checkpoint.rng_state()]
+        if world > 1:
+            rng = gather_object(rng)
         if not main:
             return None
         # mid-epoch: the sampler as it was when this epoch's batches were drawn (they are redrawn on
@@ -318,7 +330,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
             "scheduler": scheduler.state_dict(), "config": user_config, "lr": lr, "lr_find": found,
         }
         return checkpoint.save(out, step, dict(trainable_params), best_state, optimizer, state,
-                               cfg.train.keep_checkpoints, best_step)
+                               cfg.train.keep_checkpoints, best_step, rng=rng)
 
     # Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume. A second Ctrl-C quits at once.
     interrupted: dict[str, int] = {}
@@ -333,6 +345,11 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def stop_if_interrupted(next_epoch: int, next_window: int, t0: float) -> None:
+        if world > 1:  # a signal may reach the processes at different steps: all stop at the same one
+            flag = torch.tensor([interrupted.get("sig", 0)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item():
+                interrupted.setdefault("sig", int(flag.item()))
         if not interrupted:
             return
         path = save_checkpoint(next_epoch, next_window, t0)
@@ -521,6 +538,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         "processes": world,
         "device": device.type,
     }
+    ev["data_report"] = report.to_dict()
     ev["data"] = {
         s.name: {"rows": len(s), "source": s.source, "skipped": s.skipped, "truncated": enc[s.name].truncated}
         for s in (data.train, data.validation, data.test)

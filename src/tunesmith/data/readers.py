@@ -1,8 +1,10 @@
 """Read tabular data files into rows, keeping each row's line number for error messages.
 
-Formats by extension: .csv, .tsv, .jsonl (also .json lines), .parquet. Every problem that stops a
-file from being read (bad encoding, a broken JSON line, a row with the wrong number of fields)
-is a :class:`UserError` that names the file and line.
+Formats by extension: .csv, .tsv, .jsonl (also .json lines), .parquet. A problem with the whole
+file (missing, empty, not UTF-8 text at all, an unreadable header) is a :class:`UserError` naming
+the file. A malformed row (a broken JSON line, a row with the wrong number of fields, bytes that
+are not UTF-8, a NUL byte) is a :class:`UserError` naming file and line, or, when the caller
+passes a `malformed` list, is recorded there as ``(where, problem)`` and the reading goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
+
+csv.field_size_limit(2**31 - 1)  # the default, 131,072 characters, refuses long documents
 
 SUPPORTED = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -31,7 +35,10 @@ class Table:
         return f"{self.path}:{self.lines[i]}" if unit == "line" else f"{self.path} row {self.lines[i]}"
 
 
-def read_table(path: str | Path, max_rows: int | None = None) -> Table:
+Malformed = list[tuple[str, str]]
+
+
+def read_table(path: str | Path, max_rows: int | None = None, malformed: Malformed | None = None) -> Table:
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
@@ -47,32 +54,67 @@ def read_table(path: str | Path, max_rows: int | None = None) -> Table:
     text = _decode(path)
     if not text.strip():
         raise UserError(f"{path} is empty")
+    report = _Reporter(path, malformed)
     if fmt == "jsonl":
-        return _read_jsonl(path, text, max_rows)
-    return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", max_rows)
+        return _read_jsonl(path, text, max_rows, report)
+    return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", max_rows, report)
+
+
+class _Reporter:
+    """Raise on a malformed row, or record it when the caller collects them."""
+
+    def __init__(self, path: Path, malformed: Malformed | None):
+        self.path, self.malformed = path, malformed
+
+    def __call__(self, line: int, problem: str) -> None:
+        if self.malformed is None:
+            raise UserError(f"{self.path}:{line}: {problem}")
+        self.malformed.append((f"{self.path}:{line}", problem))
 
 
 def _decode(path: Path) -> str:
+    """The file as text. Bytes that are not UTF-8 survive as lone surrogates (surrogateescape), so
+    the row that holds them can be reported by line; a file that is mostly not text is refused."""
     data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a leading BOM is dropped
     try:
-        text = data.decode("utf-8-sig")  # a leading BOM is dropped
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8"
-        ) from None
-    if "\x00" in text:
+        text = data.decode("utf-8", errors="surrogateescape")
+        bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+        if bad > max(16, len(text) // 20):
+            line = data[: e.start].count(b"\n") + 1
+            raise UserError(
+                f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8"
+            ) from None
+    if text.count("\x00") > max(16, len(text) // 20):
         line = text[: text.index("\x00")].count("\n") + 1
-        raise UserError(f"{path}:{line}: contains a NUL byte; is this a binary file?")
+        raise UserError(f"{path}:{line}: contains NUL bytes; is this a binary file?")
     return text
 
 
-def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None) -> Table:
+def _bad_text(values: list[Any]) -> str | None:
+    """Why a row's text cannot be used: undecodable bytes or a NUL byte; None when fine."""
+    for v in values:
+        if not isinstance(v, str):
+            continue
+        for c in v:
+            if "\udc80" <= c <= "\udcff":
+                return f"not valid UTF-8 (byte 0x{ord(c) - 0xDC00:02x}); re-save the file as UTF-8"
+        if "\x00" in v:
+            return "contains a NUL byte"
+    return None
+
+
+def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None, report: _Reporter) -> Table:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except csv.Error as e:
         raise UserError(f"{path}:1: cannot parse the header: {e}") from None
+    if _bad_text(header):
+        raise UserError(f"{path}:1: the header is {_bad_text(header)}")
     header = [h.strip() for h in header]
     if len(header) < 2 and delimiter == "," and "\t" in header[0]:
         raise UserError(f"{path}:1: the header has tabs but the file is read as CSV; rename it to .tsv")
@@ -90,14 +132,18 @@ def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None)
         except StopIteration:
             break
         except csv.Error as e:
-            raise UserError(f"{path}:{start}: {e}") from None
+            # the csv module stops for good at a broken quote: report it, the rest can't be read
+            report(start, f"{e}; the rows after it cannot be read")
+            break
         if not values or (len(values) == 1 and not values[0].strip()):
             continue  # a blank line
         if len(values) != len(header):
-            raise UserError(
-                f"{path}:{start}: {len(values)} fields, but the header has {len(header)}; "
-                "quote fields that contain the delimiter"
-            )
+            report(start, f"{len(values)} fields, but the header has {len(header)}; quote fields that contain the delimiter")
+            continue
+        problem = _bad_text(values)
+        if problem:
+            report(start, problem)
+            continue
         rows.append(dict(zip(header, values)))
         lines.append(start)
         if max_rows and len(rows) >= max_rows:
@@ -105,25 +151,39 @@ def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None)
     return Table(path, header, rows, lines)
 
 
-def _read_jsonl(path: Path, text: str, max_rows: int | None) -> Table:
+def _read_jsonl(path: Path, text: str, max_rows: int | None, report: _Reporter) -> Table:
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     columns: dict[str, None] = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # \r\n, \n and a lone \r end lines (raw \r can't be inside a JSON string); not splitlines(),
+    # which would also break at \x1c, \x85 or U+2028, all legal inside a JSON string
+    for n, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         if not raw.strip():
+            continue
+        problem = _bad_text([raw])
+        if problem:
+            report(n, problem)
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            report(n, f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        except ValueError as e:  # e.g. an integer with more digits than Python converts
+            report(n, f"not valid JSON ({str(e).split(';')[0]})")
+            continue
+        except RecursionError:
+            report(n, "not valid JSON (nested too deeply)")
+            continue
         if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n}: each line must be a JSON object, got {type(obj).__name__}")
+            report(n, f"each line must be a JSON object, got {type(obj).__name__}")
+            continue
         columns.update(dict.fromkeys(obj))
         rows.append(obj)
         lines.append(n)
         if max_rows and len(rows) >= max_rows:
             break
-    if not rows:
+    if not rows and not (report.malformed):
         raise UserError(f"{path} has no JSON lines")
     return Table(path, list(columns), rows, lines)
 

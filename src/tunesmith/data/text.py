@@ -1,7 +1,7 @@
 """Labelled text: rows -> (text, label) examples, label maps, stratified splits.
 
-Bad rows (empty or non-string text, a missing label) either stop the run with their line
-numbers (`data.bad_rows: error`, the default) or are skipped and counted (`skip`).
+Bad rows (malformed lines, empty or non-string text, a missing label) either stop the run with
+their line numbers (`data.bad_rows: error`, the default) or are skipped and counted (`skip`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ class TextSet:
     pairs: list[str] | None
     labels: list[Any]  # str, or list[str] for multi-label; None when unlabelled
     where: list[str]  # file:line of each example
-    skipped: int = 0
-    skipped_where: list[str] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (file:line, problem) of each skipped row
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -73,27 +76,32 @@ def _label_value(value: Any, separator: str | None) -> Any:
     return None
 
 
+def _text_problem(value: Any, what: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{what} is {'missing' if value is None else type(value).__name__ + ', not a string'}"
+    if not value.strip():
+        return f"{what} is empty"
+    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):
+        return f"{what} holds a NUL or an unpaired surrogate character"
+    return None
+
+
 def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) -> TextSet:
-    table = read_table(path, cfg.max_rows)
+    bad: list[tuple[str, str]] = []
+    table = read_table(path, cfg.max_rows, malformed=bad)
     _column(table, cfg.text_column, "text_column")
     if cfg.text_pair_column:
         _column(table, cfg.text_pair_column, "text_pair_column")
     if labelled:
         _column(table, cfg.label_column, "label_column")
     texts, pairs, labels, where = [], [] if cfg.text_pair_column else None, [], []
-    bad: list[tuple[str, str]] = []
     for i, row in enumerate(table.rows):
         text = row.get(cfg.text_column)
-        problem = None
-        if not isinstance(text, str):
-            problem = f"text is {'missing' if text is None else type(text).__name__ + ', not a string'}"
-        elif not text.strip():
-            problem = "text is empty"
+        problem = _text_problem(text, "text")
         pair = None
         if cfg.text_pair_column and problem is None:
             pair = row.get(cfg.text_pair_column)
-            if not isinstance(pair, str) or not pair.strip():
-                problem = f"'{cfg.text_pair_column}' is empty or not a string"
+            problem = _text_problem(pair, f"'{cfg.text_pair_column}'")
         label = _label_value(row.get(cfg.label_column), cfg.label_separator) if labelled else None
         if labelled and problem is None and (label is None or label == []):
             problem = "label is missing or not a string/integer/list"
@@ -105,15 +113,23 @@ def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) 
             pairs.append(pair)
         labels.append(label)
         where.append(table.where(i))
+    bad.sort(key=lambda b: _line_of(b[0]))
     if bad and cfg.bad_rows == "error":
-        shown = "; ".join(f"{w}: {p}" for w, p in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise UserError(
-            f"{len(bad)} bad row(s) in {path}: {shown}{more}; fix them, or set data.bad_rows=skip to drop and count them"
-        )
+        raise UserError(bad_rows_message(str(path), bad))
     if not texts:
-        raise UserError(f"{path}: no usable rows (all {len(bad)} rows are bad)")
-    return TextSet(name, str(path), texts, pairs, labels, where, skipped=len(bad), skipped_where=[w for w, _ in bad])
+        raise UserError(f"{path}: no usable rows (all {len(bad)} rows are bad)" if bad else f"{path}: no data rows, only a header")
+    return TextSet(name, str(path), texts, pairs, labels, where, bad=bad)
+
+
+def _line_of(where: str) -> int:
+    tail = where.rsplit(":", 1)[-1].rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def bad_rows_message(path: str, bad: list[tuple[str, str]], shown: int = 5) -> str:
+    listed = "; ".join(f"{w}: {p}" for w, p in bad[:shown])
+    more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
+    return f"{len(bad)} bad row(s) in {path}: {listed}{more}; fix them, or set data.bad_rows=skip to drop and count them"
 
 
 def is_multi_label(sets: list[TextSet], cfg: DataConfig) -> bool:
@@ -176,7 +192,7 @@ def stratified_split(
             start += k
         train.extend(idx[start:])
     out = {"train": s.subset(sorted(train), "train", s.source)}
-    out["train"].skipped, out["train"].skipped_where = s.skipped, s.skipped_where
+    out["train"].bad = s.bad
     for name, idx in parts.items():
         out[name] = s.subset(sorted(idx), name, f"split from {s.source}")
     return out
