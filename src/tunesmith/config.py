@@ -26,6 +26,7 @@ class DataConfig(_Section):
     validation: str | None = Field(None, description="Validation file; if absent, split from train (stratified, seeded).")
     test: str | None = Field(None, description="Held-out test file; if absent, split from train (stratified, seeded).")
     text_column: str = Field("text", description="Column (or JSON key) holding the text.")
+    image_column: str = Field("path", description="image-classification with a CSV/JSONL listing: the column holding image paths (relative to that file).")
     text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks such as NLI).")
     label_column: str = Field("label", description="Column holding the label: a string, an integer, or a list (multi-label).")
     label_separator: str | None = Field(
@@ -175,9 +176,23 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, gt=0, description="Batch size for evaluation and prediction.")
 
 
+class ImageConfig(_Section):
+    size: int | None = Field(None, gt=15, description="Input size in pixels; default: the model's own (224 for EfficientNet-Lite0).")
+    scale: tuple[float, float] = Field((0.35, 1.0), description="Random resized crop: the share of the image area each training crop covers (min, max).")
+    hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip in training; 0 for digits, text and other handed images.")
+    color_jitter: float = Field(0.0, ge=0, description="Brightness/contrast/saturation jitter strength in training; 0 = off.")
+    randaugment: bool = Field(False, description="RandAugment (2 ops, magnitude 9) in training.")
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha; 0 = off.")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha; 0 = off.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss.")
+    top_k: int = Field(5, gt=0, description="Top-k accuracy in the metrics and k for predictions.")
+
+
 class Config(_Section):
-    task: str = Field(description="What the model learns: text-classification.")
-    model: str = Field(description="A packaged model name (see `tunesmith models`), a local Hugging Face directory, or a hub id.")
+    task: str = Field(description="What the model learns: text-classification or image-classification.")
+    model: str = Field(description="A packaged model name (see `tunesmith models`), a local Hugging Face or timm directory, a timm architecture name, or a hub id.")
+    model_file: str | None = Field(None, description="image-classification: weights (.safetensors; .pth with allow_pickle) for a timm architecture named by `model`.")
+    image: ImageConfig = Field(default_factory=ImageConfig)
     data: DataConfig
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -115,7 +115,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     # `tunesmith validate`) before any model weights load.
     task = TASKS.get(cfg.task)(cfg)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
-    resolved = resolve_model(cfg.model)
+    resolved = task.resolve() if hasattr(task, "resolve") else resolve_model(cfg.model)
     report = task.validate(task.load_tokenizer(resolved))
     report.render(console, full=False)
     if not report.ok:
@@ -544,6 +544,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         for s in (data.train, data.validation, data.test)
     }
     ev["labels"] = data.labels
+    ev["task"] = cfg.task
     ev["strategy"] = strategy.name
     ev["parameters"] = {"trainable": trainable, "frozen": frozen,
                         "trainable_at_end": count_params(accelerator.unwrap_model(train_model))[0]}

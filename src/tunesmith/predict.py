@@ -84,14 +84,70 @@ class TextClassifier:
     __call__ = predict
 
 
-def load(run_dir: str | Path, device: str | None = None) -> TextClassifier:
+class ImageClassifier:
+    """A fine-tuned timm image classifier loaded from a run directory (or its model/ folder).
+
+    Preprocessing is the run's own (model/config.json's pretrained_cfg): timm's eval transform,
+    the same code the run evaluated with."""
+
+    def __init__(self, run_dir: str | Path, device: str | None = None):
+        import timm
+
+        from tunesmith.data.images import Preprocess
+
+        path = Path(run_dir)
+        model_dir = path / "model" if (path / "model").is_dir() else path
+        cfg_file = model_dir / "config.json"
+        if not cfg_file.exists():
+            raise UserError(f"{run_dir} is not a finished tunesmith run (no model/config.json)")
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        self.model_dir = model_dir
+        self.model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device, memory_format=torch.channels_last)
+        self.labels = list(cfg.get("label_names") or [str(i) for i in range(cfg["num_classes"])])
+        self.multi_label = False
+        self.pre = Preprocess.from_timm(timm.data.resolve_data_config(pretrained_cfg=cfg["pretrained_cfg"]))
+
+    def preprocess(self, paths: list[Path]) -> torch.Tensor:
+        from tunesmith.data.images import center_crop, decode, normalize
+
+        imgs = []
+        for p in paths:
+            try:
+                imgs.append(center_crop(decode(Path(p), self.pre), self.pre.size))
+            except ValueError as e:
+                raise UserError(f"{p}: {e}") from None
+        return normalize(torch.stack(imgs), self.pre)
+
+    @torch.no_grad()
+    def logits(self, paths: list[str | Path], batch_size: int = 64) -> np.ndarray:
+        out = np.zeros((len(paths), len(self.labels)), dtype=np.float32)
+        for i in range(0, len(paths), batch_size):
+            x = self.preprocess([Path(p) for p in paths[i : i + batch_size]]).to(self.device)
+            out[i : i + len(x)] = self.model(x).float().cpu().numpy()
+        return out
+
+    def predict(self, paths: str | Path | list[str | Path], batch_size: int = 64) -> list[Prediction]:
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        preds = []
+        for row in self.logits(list(paths), batch_size):
+            e = np.exp(row - row.max())
+            p = e / e.sum()
+            preds.append(Prediction(self.labels[int(p.argmax())], {l: float(v) for l, v in zip(self.labels, p)}))
+        return preds
+
+    __call__ = predict
+
+
+def load(run_dir: str | Path, device: str | None = None) -> TextClassifier | ImageClassifier:
     """Load a finished run (or a model directory it wrote) as a predictor."""
     path = Path(run_dir)
     if not path.exists():
         raise UserError(f"run directory {path} does not exist")
-    info = path / "eval.json"
-    if info.exists():
-        task = json.loads(info.read_text()).get("task", "text-classification")
-        if task != "text-classification":
-            raise UserError(f"{path}: task '{task}' has no predictor yet")
+    model_dir = path / "model" if (path / "model").is_dir() else path
+    cfg = model_dir / "config.json"
+    if cfg.exists() and "architecture" in json.loads(cfg.read_text(encoding="utf-8")):
+        return ImageClassifier(path, device)
     return TextClassifier(path, device)

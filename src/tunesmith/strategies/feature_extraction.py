@@ -86,12 +86,17 @@ def _model_identity(model: nn.Module) -> str:
             if f.is_file():
                 st = f.stat()
                 files.append((f.name, st.st_size, st.st_mtime_ns))
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    if path.is_file():  # a weights file (timm architecture + model_file)
+        st = path.stat()
+        files.append((path.name, st.st_size, st.st_mtime_ns))
+    cfg = model.config.to_dict() if hasattr(model, "config") else dict(getattr(model, "pretrained_cfg", None) or {})
     cfg = json.dumps({k: v for k, v in cfg.items() if k != "tunesmith_head"}, sort_keys=True, default=str)
     return json.dumps([str(path.resolve()) if str(path) else "", files, cfg])
 
 
 def _data_digest(enc: Any) -> str:
+    if hasattr(enc, "digest"):  # images: their files (path, size, mtime)
+        return enc.digest()
     h = hashlib.sha256()
     lengths = np.asarray([len(x) for x in enc.input_ids], dtype=np.int64)
     h.update(lengths.tobytes())
@@ -165,7 +170,7 @@ class FeatureExtraction(BaseStrategy):
         feats: torch.Tensor | None = None
         try:
             for b in make_batches(enc.lengths, batch_size, seed=0, epoch=0, shuffle=False):
-                batch = {k: v.to(device) for k, v in task.collate(enc, b).items() if k != "labels"}
+                batch = {k: v.to(device) for k, v in task.collate(enc, b, train=False).items() if k != "labels"}
                 captured.clear()
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     if self.pooling == "mean":  # the backbone alone; its own pooler and head are not used

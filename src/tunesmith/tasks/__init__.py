@@ -1,3 +1,4 @@
 """Tasks: what the model learns. Each registers itself by name."""
 
 from tunesmith.tasks import text_classification  # noqa: F401  (registers it)
+from tunesmith.tasks import image_classification  # noqa: F401,E402

@@ -269,7 +269,7 @@ class TextClassification:
             return t
         return torch.tensor([index[l] for l in labels], dtype=torch.long)
 
-    def collate(self, enc: Encoded | Features, idx: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, enc: Encoded | Features, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
         if isinstance(enc, Features):
             return enc.collate(idx)
         batch = pad_batch(

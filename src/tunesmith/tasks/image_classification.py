@@ -1,0 +1,366 @@
+"""`image-classification`: an ImageNet-trained timm model with its classifier reset to the
+user's classes (timm's own `reset_classifier`).
+
+Data: a folder per class or a CSV/JSONL/Parquet listing (see tunesmith.data.images). Every image
+is decoded once, in the pre-flight report, and kept resized to the model's evaluation resize.
+Evaluation and prediction apply exactly timm's evaluation transform (resize, centre crop,
+normalise with the model's mean/std); training draws a random resized crop, a flip and,
+optionally, colour jitter, RandAugment and mixup/cutmix, all from torch's (and NumPy's, for
+mixup) seeded generators, so a resumed run continues exactly. Tensors are channels-last, the
+fast layout for convolutions on CPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.data.features import Features
+from tunesmith.data.images import ImageSet, Preprocess, center_crop, decode, normalize, read_image_set
+from tunesmith.data.text import bad_rows_message, label_names, stratified_split
+from tunesmith.errors import UserError
+from tunesmith.models import ResolvedModel
+from tunesmith.registry import TASKS
+from tunesmith.validate import DataReport, FileReport, duplicates_and_conflicts
+
+METRICS = ["accuracy", "macro_f1", "micro_f1", "loss"]
+
+
+@dataclass
+class ImageEncoded:
+    """Decoded images (uint8, shorter side at the eval resize) and their labels."""
+
+    images: list[torch.Tensor]
+    labels: torch.Tensor | None
+    keys: list[str]  # file path, size and mtime of each image: what the feature cache keys on
+    tag: str = ""  # the preprocessing: part of the feature cache key too
+    truncated: int = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        return [1] * len(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx: list[int]) -> "ImageEncoded":
+        return ImageEncoded([self.images[i] for i in idx], self.labels[idx] if self.labels is not None else None,
+                            [self.keys[i] for i in idx], self.tag)
+
+    def concat(self, other: "ImageEncoded") -> "ImageEncoded":
+        labels = torch.cat([self.labels, other.labels]) if self.labels is not None and other.labels is not None else None
+        return ImageEncoded(self.images + other.images, labels, self.keys + other.keys, self.tag)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.tag.encode())
+        for k in self.keys:
+            h.update(k.encode())
+        return h.hexdigest()
+
+
+@dataclass
+class PreparedImages:
+    train: ImageSet
+    validation: ImageSet
+    test: ImageSet
+    labels: list[str]
+    multi_label: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def data_config_of(resolved: ResolvedModel) -> dict[str, Any]:
+    """The model's preprocessing (timm's pretrained_cfg), without building the model."""
+    import timm
+
+    cfg: dict[str, Any] = {}
+    if resolved.path.is_dir() and (resolved.path / "config.json").exists():
+        cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8")).get("pretrained_cfg", {})
+    else:
+        name = resolved.spec.removeprefix("timm/").removeprefix("timm:")
+        pc = timm.models.get_pretrained_cfg(name)
+        cfg = pc.to_dict() if pc is not None else {}
+    return timm.data.resolve_data_config(pretrained_cfg=cfg) if cfg else {
+        "input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+@TASKS.register("image-classification")
+class ImageClassification:
+    name = "image-classification"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.tokenizer = None
+        self.labels: list[str] = []
+        self.multi_label = False
+        self.pre: Preprocess | None = None
+        self._decoded: dict[Path, torch.Tensor] = {}
+        self._keys: dict[Path, str] = {}
+        self._prepared: PreparedImages | None = None
+        self._mixup = None
+        d, s = config.data, config.strategy
+        if d.label_separator or d.text_pair_column:
+            raise UserError("image-classification takes one label per image: remove data.label_separator / data.text_pair_column")
+        if s.name == "lora":
+            raise UserError("strategy lora is not available for image-classification; use full, freeze, gradual-unfreeze, "
+                            "head-only or feature-extraction")
+        if s.replay is not None:
+            raise UserError("strategy.replay is not available for image-classification yet")
+        if s.pooling == "mean" or s.head == "mlp":
+            raise UserError("image-classification trains the model's own linear classifier: remove strategy.pooling: mean / head: mlp")
+
+    # -- model resolution and preprocessing ---------------------------------------------------
+    def resolve(self) -> ResolvedModel:
+        from tunesmith.models.timm_models import resolve_image_model
+
+        return resolve_image_model(self.config.model, self.config.model_file)
+
+    def load_tokenizer(self, resolved: ResolvedModel) -> None:
+        """Images have no tokenizer; the model's preprocessing is read here, before the scan."""
+        self.pre = Preprocess.from_timm(data_config_of(resolved), self.config.image.size)
+        return None
+
+    # -- data ---------------------------------------------------------------------------------
+    def _decode_all(self, paths: list[Path]) -> dict[Path, str]:
+        """Decode every image not yet decoded (threads: Pillow releases the GIL); path -> problem."""
+        todo = [p for p in dict.fromkeys(paths) if p not in self._decoded]
+
+        def one(p: Path) -> tuple[Path, torch.Tensor | None, str | None]:
+            try:
+                return p, decode(p, self.pre), None
+            except ValueError as e:
+                return p, None, str(e)
+
+        problems: dict[Path, str] = {}
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for p, img, why in pool.map(one, todo, chunksize=16):
+                if img is None:
+                    problems[p] = why
+                else:
+                    st = p.stat()
+                    self._decoded[p] = img
+                    self._keys[p] = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return problems
+
+    def validate(self, tokenizer: Any = None) -> DataReport:
+        """Read every listing, decode every image once; report (see tunesmith.validate)."""
+        d = self.config.data
+        if self.pre is None:
+            self.load_tokenizer(self.resolve())
+        rep = DataReport(skip_bad=d.bad_rows == "skip")
+        sets: dict[str, ImageSet] = {}
+        for split, path in (("train", d.train), ("validation", d.validation), ("test", d.test)):
+            if not path:
+                continue
+            f = FileReport(split, str(path))
+            rep.files.append(f)
+            try:
+                s = read_image_set(path, d, split)
+            except UserError as e:
+                f.error = str(e)
+                rep.errors.append(str(e))
+                continue
+            problems = self._decode_all(s.paths)
+            if problems:
+                keep = [i for i, p in enumerate(s.paths) if p not in problems]
+                s.bad = s.bad + [(s.where[i], problems[s.paths[i]]) for i in range(len(s.paths)) if s.paths[i] in problems]
+                s = ImageSet(s.name, s.source, [s.paths[i] for i in keep], [s.labels[i] for i in keep],
+                             [s.where[i] for i in keep], s.bad)
+            f.bad = s.bad
+            if s.bad and d.bad_rows == "error":
+                rep.errors.append(bad_rows_message(str(path), s.bad, shown=3).replace("bad row(s)", "bad image(s)/row(s)"))
+            if not s.paths:
+                rep.errors.append(f"{path}: no readable images")
+                continue
+            sets[split] = s
+        if "train" not in sets:
+            return rep
+        names = label_names(sets["train"], False)
+        if len(names) < 2:
+            rep.errors.append(f"{d.train}: only one class ('{names[0]}'); a classifier needs at least 2 classes")
+        known = set(names)
+        for split, s in sets.items():
+            unknown = [(w, l) for w, l in zip(s.where, s.labels) if l not in known]
+            if split != "train" and unknown:
+                (w, l), more = unknown[0], len(unknown) - 1
+                rep.errors.append(f"{w}: class '{l}' in the {split} data never occurs in the training data"
+                                  f"{f' (nor do {more} more)' if more else ''} (training classes: {', '.join(names[:20])})")
+        missing = {n: getattr(d, f"{n}_size") for n in ("validation", "test") if n not in sets}
+        if missing and len(names) >= 2:
+            try:
+                parts = stratified_split(sets["train"], missing, self.config.train.seed, False)
+            except UserError as e:
+                rep.errors.append(str(e))
+            else:
+                sets.update(parts)
+                rep.files[1:1] = [FileReport(n, parts[n].source) for n in missing]
+        digests = {p: self._content_key(p) for s in sets.values() for p in s.paths}
+        for f in rep.files:
+            s = sets.get(f.split)
+            if s is None:
+                continue
+            f.rows = len(s)
+            f.labels = Counter(s.labels)
+            f.duplicates, f.conflicts = duplicates_and_conflicts([digests[p] for p in s.paths], s.labels)
+        if "train" in sets:
+            train_keys = {digests[p] for p in sets["train"].paths}
+            for split in ("validation", "test"):
+                if split in sets:
+                    rep.overlap[split] = sum(1 for p in sets[split].paths if digests[p] in train_keys)
+        rep.check_labels(False)
+        rep.check_rows()
+        if rep.ok:
+            self.labels = names
+            self._prepared = PreparedImages(sets["train"], sets["validation"], sets["test"], names)
+        return rep
+
+    def _content_key(self, p: Path) -> str:
+        """Exact-duplicate key: the decoded pixels (the same picture saved twice is caught)."""
+        return hashlib.sha1(self._decoded[p].numpy().tobytes()).hexdigest()
+
+    def load_data(self) -> PreparedImages:
+        if self._prepared is None:
+            rep = self.validate()
+            if not rep.ok:
+                raise UserError(rep.error_line())
+        return self._prepared
+
+    def load_replay(self, path: str) -> ImageSet:
+        raise UserError("strategy.replay is not available for image-classification yet")
+
+    # -- model --------------------------------------------------------------------------------
+    def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
+        from tunesmith.models.timm_models import classifier_prefix, create_model
+
+        model = create_model(resolved, self.config.allow_pickle)
+        prefix = classifier_prefix(model)
+        discarded = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        model.reset_classifier(len(self.labels))  # timm's own head reset, sized to the user's classes
+        head = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        if not head:
+            raise UserError(f"cannot find the classifier of '{resolved.spec}' (expected parameters under '{prefix}')")
+        return model.to(memory_format=torch.channels_last), head, discarded
+
+    def export_data_config(self) -> dict[str, Any]:
+        p = self.pre
+        return {"input_size": [3, p.size, p.size], "interpolation": p.interpolation, "mean": list(p.mean),
+                "std": list(p.std), "crop_pct": p.crop_pct, "crop_mode": "center"}
+
+    # -- batches ------------------------------------------------------------------------------
+    def encode(self, s: ImageSet) -> ImageEncoded:
+        index = {l: i for i, l in enumerate(self.labels)}
+        labels = torch.tensor([index[l] for l in s.labels], dtype=torch.long) if s.labels and s.labels[0] is not None else None
+        return ImageEncoded([self._decoded[p] for p in s.paths], labels, [self._keys[p] for p in s.paths], repr(self.pre))
+
+    def _augment(self, img: torch.Tensor) -> torch.Tensor:
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as F
+
+        a, size = self.config.image, self.pre.size
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale=list(a.scale), ratio=[3 / 4, 4 / 3])
+        img = F.resized_crop(img, i, j, h, w, [size, size], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        if a.hflip and torch.rand(()) < a.hflip:
+            img = img.flip(-1)
+        if a.color_jitter:
+            img = T.ColorJitter(a.color_jitter, a.color_jitter, a.color_jitter)(img)
+        if a.randaugment:
+            img = T.RandAugment(num_ops=2, magnitude=9)(img)
+        return img
+
+    def collate(self, enc: ImageEncoded | Features, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
+        """A batch: augmented for training, timm's eval transform (`train=False`) for feature extraction."""
+        if isinstance(enc, Features):
+            return enc.collate(idx)
+        if train:
+            imgs = torch.stack([self._augment(enc.images[i]) for i in idx])
+        else:
+            imgs = torch.stack([center_crop(enc.images[i], self.pre.size) for i in idx])
+        batch = {"x": normalize(imgs, self.pre)}
+        if enc.labels is not None:
+            batch["labels"] = enc.labels[idx]
+            a = self.config.image
+            if train and (a.mixup or a.cutmix) and len(idx) % 2 == 0:  # timm's Mixup pairs images: even batches only
+                if self._mixup is None:
+                    from timm.data import Mixup
+
+                    self._mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                                        num_classes=len(self.labels))
+                batch["x"], batch["soft_labels"] = self._mixup(batch["x"], batch["labels"])
+                batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = batch.pop("labels")
+        soft = batch.pop("soft_labels", None)
+        out = model(**batch)
+        logits = out.logits if hasattr(out, "logits") else out
+        if soft is not None:
+            loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.config.image.label_smoothing)
+        return {"loss": loss, "logits": logits}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_logits(
+        self, model: nn.Module, enc: ImageEncoded | Features, batch_size: int, device: torch.device, *,
+        autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        from tunesmith.data.batching import shard
+
+        was_training = model.training
+        model.eval()
+        logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
+        feats = None
+        if isinstance(enc, Features):
+            if rank == 0:
+                for i in range(0, len(enc), batch_size):
+                    x = enc.features[i : i + batch_size].to(device)
+                    logits[i : i + len(x)] = model(features=x).logits.float().cpu().numpy()
+            model.train(was_training)
+            return logits, enc.features.numpy() if want_features else None
+        for start in range(0, len(enc), batch_size):
+            b = shard(list(range(start, min(start + batch_size, len(enc)))), rank, world)
+            if not b:
+                continue
+            x = self.collate(enc, b, train=False)["x"].to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                if want_features:
+                    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+                    out = model.get_classifier()(pooled)
+                    if feats is None:
+                        feats = np.zeros((len(enc), pooled.shape[-1]), dtype=np.float32)
+                    feats[b] = pooled.float().cpu().numpy()
+                else:
+                    out = model(x)
+            logits[b] = out.float().cpu().numpy()
+        model.train(was_training)
+        return logits, feats
+
+    def metrics(self, logits: np.ndarray, labels: torch.Tensor) -> dict[str, Any]:
+        from tunesmith.metrics import classification_metrics
+
+        m = classification_metrics(logits, labels.numpy(), self.labels, False)
+        k = min(self.config.image.top_k, len(self.labels))
+        if k > 1:
+            top = np.argsort(-logits, axis=1)[:, :k]
+            m[f"top{k}_accuracy"] = float((top == labels.numpy()[:, None]).any(axis=1).mean())
+        return m
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        from tunesmith.models.timm_models import save_timm
+
+        save_timm(model, directory, self.labels, self.export_data_config())
+        (directory / "preprocessing.json").write_text(json.dumps(self.pre.to_dict(), indent=2), encoding="utf-8")
