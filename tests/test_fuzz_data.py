@@ -353,3 +353,64 @@ def test_damaged_files_validate_with_exact_counts_or_fail_in_one_line(fmt, tmp_p
     }[fmt]
     missing = [k for k in expected if k not in seen]
     assert not missing, f"kinds never generated: {missing}"
+
+
+def test_damaged_images_are_each_named_and_counted(tmp_path, capsys):
+    """image-classification: 1,000 image files, about a third damaged (truncated at a random byte,
+    random bytes under an image name, zero bytes, a text file, a valid image under a wrong
+    extension is fine); validate with bad_rows=skip lists exactly the damaged ones, and with the
+    default fails in one line naming the first."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    timm.models.save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(model_dir), safe_serialization=True)
+    rng = random.Random("fuzz-images")
+    nprng = np.random.default_rng(0)
+    root = tmp_path / "train"
+    damaged: set[str] = set()
+    kinds: dict[str, int] = {}
+    for n in range(1000):
+        cls = ("a", "b", "c")[n % 3]
+        d = root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        fmt = rng.choice(["png", "jpg", "bmp", "webp"])
+        f = d / f"{n:04d}.{fmt}"
+        arr = nprng.integers(0, 255, (rng.randint(8, 40), rng.randint(8, 40), 3), dtype=np.uint8)
+        Image.fromarray(arr).save(f, format={"jpg": "JPEG"}.get(fmt, fmt.upper()))
+        kind = rng.choice(["ok", "ok", "truncated", "random", "empty", "text", "mislabelled_ext"])
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "truncated":
+            data = f.read_bytes()
+            f.write_bytes(data[: rng.randint(1, len(data) // 2)])
+        elif kind == "random":
+            f.write_bytes(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 500))))
+        elif kind == "empty":
+            f.write_bytes(b"")
+        elif kind == "text":
+            f.unlink()
+            f = d / f"{n:04d}.txt"
+            f.write_text("notes")
+        elif kind == "mislabelled_ext":  # a PNG named .jpg: Pillow reads the content, so it is fine
+            g = f.with_suffix(".jpg" if fmt != "jpg" else ".png")
+            Image.fromarray(arr).save(g, format="PNG" if fmt != "jpg" else "JPEG")
+            f.unlink()
+        if kind in ("truncated", "random", "empty", "text"):
+            damaged.add(str(f))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"task": "image-classification", "model": str(model_dir),
+                                      "output_dir": str(tmp_path / "run"), "data": {"train": str(root)}}))
+    rc, out, err = _validate(capsys, config, "data.bad_rows=skip")
+    assert rc == 0, err[-2000:]
+    report = json.loads(out)
+    train = next(f for f in report["files"] if f["split"] == "train")
+    rows = sum(f["rows"] for f in report["files"])
+    assert train["bad_rows"] == len(damaged) and rows == 1000 - len(damaged), (train["bad_rows"], len(damaged))
+    rc, out, err = _validate(capsys, config)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("tunesmith: error: ") and f"{len(damaged)} bad image(s)" in lines[0]
+    assert any(p in lines[0] for p in damaged)
+    assert all(kinds.get(k) for k in ("truncated", "random", "empty", "text", "mislabelled_ext"))
