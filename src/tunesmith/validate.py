@@ -14,6 +14,7 @@ report, its thresholds and its rendering, the same for every task.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,3 +176,88 @@ def duplicates_and_conflicts(keys: list[Any], labels: list[Any]) -> tuple[int, i
         else:
             seen[k] = {lab}
     return dup, sum(1 for v in seen.values() if len(v) > 1)
+
+
+def classification_report(
+    files: list[tuple[str, str | None]],
+    read: Callable[[str, str], Any],
+    keys: Callable[[Any], list[Hashable]],
+    multi_label: Callable[[list[Any]], bool],
+    data: Any,
+    seed: int,
+    noun: str = "label",
+    unit: str = "row(s)",
+) -> tuple[DataReport, dict[str, Any], list[str], bool]:
+    """The report the classification tasks share; returns (report, sets by split, label names, multi-label).
+
+    `files` are (split, path) pairs; `read(path, split)` reads one with bad rows skipped (a
+    UserError for a file that can't be read at all) and returns a set with `labels`, `where`,
+    `bad` and `subset`; `keys(set)` gives each row's exact-duplicate key (the text, the pixels).
+    Validation and test parts missing from `files` are split from train, as training does.
+    """
+    from tunesmith.data.text import bad_rows_message, label_names, stratified_split
+    from tunesmith.errors import UserError
+
+    rep = DataReport(skip_bad=data.bad_rows == "skip")
+    sets: dict[str, Any] = {}
+    for split, path in files:
+        if not path:
+            continue
+        f = FileReport(split, str(path))
+        rep.files.append(f)
+        try:
+            s = read(path, split)
+        except UserError as e:
+            f.error = str(e)
+            rep.errors.append(str(e))
+            continue
+        f.bad = s.bad
+        if s.bad and data.bad_rows == "error":
+            rep.errors.append(bad_rows_message(str(path), s.bad, shown=3, unit=unit))
+        if not len(s):
+            rep.errors.append(f"{path}: no usable {unit} (all {len(s.bad)} are bad)")
+            continue
+        sets[split] = s
+    if "train" not in sets:
+        return rep, sets, [], False
+    multi = multi_label(list(sets.values()))
+    names = label_names(sets["train"], multi)
+    if len(names) < 2:
+        rep.errors.append(f"{data.train}: only one {noun} ('{names[0]}') in the training data; a classifier needs at least 2 classes")
+    known, plural = set(names), noun + ("es" if noun.endswith("s") else "s")
+    for split, s in sets.items():
+        if split == "train":
+            continue
+        unknown = [(w, l) for w, ls in zip(s.where, s.labels) for l in (ls if multi else [ls]) if l not in known]
+        if unknown:
+            (w, l), more = unknown[0], len(unknown) - 1
+            rep.errors.append(
+                f"{w}: {noun} '{l}' in the {split} data never occurs in the training data "
+                f"{f'(nor do {more} more) ' if more else ''}"
+                f"(training {plural}: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}); "
+                f"fix the {noun} or add training {unit} with it"
+            )
+    missing = {n: getattr(data, f"{n}_size") for n in ("validation", "test") if n not in sets}
+    if missing and len(names) >= 2:
+        try:
+            parts = stratified_split(sets["train"], missing, seed, multi)
+        except UserError as e:
+            rep.errors.append(str(e))
+        else:
+            sets.update(parts)
+            rep.files[1:1] = [FileReport(n, parts[n].source) for n in missing]
+    row_keys = {split: keys(s) for split, s in sets.items()}
+    for f in rep.files:
+        s = sets.get(f.split)
+        if s is None:
+            continue
+        f.rows = len(s)
+        f.labels = Counter(l for ls in s.labels for l in (ls if multi else [ls]))
+        f.duplicates, f.conflicts = duplicates_and_conflicts(row_keys[f.split], s.labels)
+    if "train" in sets:
+        train_keys = set(row_keys["train"])
+        for split in ("validation", "test"):
+            if split in sets:
+                rep.overlap[split] = sum(1 for k in row_keys[split] if k in train_keys)
+    rep.check_labels(multi)
+    return rep, sets, names, multi

@@ -21,7 +21,7 @@ import torch
 
 from tunesmith.config import DataConfig
 from tunesmith.data.readers import SUPPORTED, read_table
-from tunesmith.data.text import _label_value, _line_of
+from tunesmith.data.text import _column, _label_value, _line_of
 from tunesmith.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -35,7 +35,6 @@ class ImageSet:
     labels: list[Any]
     where: list[str]  # the path, or file:line for a CSV/JSONL row
     bad: list[tuple[str, str]] = field(default_factory=list)
-    pairs: None = None  # the text sets' sentence pairs: never for images
 
     @property
     def skipped(self) -> int:
@@ -181,14 +180,9 @@ def _read_folder(root: Path, cfg: DataConfig, name: str) -> ImageSet:
 def _read_listing(table_path: Path, cfg: DataConfig, name: str, labelled: bool) -> ImageSet:
     bad: list[tuple[str, str]] = []
     table = read_table(table_path, cfg.max_rows, malformed=bad)
-    for col, key in ((cfg.image_column, "image_column"), (cfg.label_column, "label_column")):
-        if col not in table.columns and (labelled or key == "image_column"):
-            from tunesmith.errors import did_you_mean
-
-            raise UserError(
-                f"{table_path}: no column '{col}' (set by data.{key}){did_you_mean(col, table.columns)}; "
-                f"columns in the file: {', '.join(table.columns) or '(none)'}"
-            )
+    _column(table, cfg.image_column, "image_column")
+    if labelled:
+        _column(table, cfg.label_column, "label_column")
     base = table_path.parent
     paths, labels, where = [], [], []
     for i, row in enumerate(table.rows):

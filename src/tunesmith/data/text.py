@@ -126,10 +126,10 @@ def _line_of(where: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-def bad_rows_message(path: str, bad: list[tuple[str, str]], shown: int = 5) -> str:
+def bad_rows_message(path: str, bad: list[tuple[str, str]], shown: int = 5, unit: str = "row(s)") -> str:
     listed = "; ".join(f"{w}: {p}" for w, p in bad[:shown])
     more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
-    return f"{len(bad)} bad row(s) in {path}: {listed}{more}; fix them, or set data.bad_rows=skip to drop and count them"
+    return f"{len(bad)} bad {unit} in {path}: {listed}{more}; fix them, or set data.bad_rows=skip to drop and count them"
 
 
 def is_multi_label(sets: list[TextSet], cfg: DataConfig) -> bool:

@@ -28,6 +28,7 @@ from torch import nn
 
 from tunesmith.errors import UserError
 from tunesmith.models.resolve import ResolvedModel
+from tunesmith.models.safety import PICKLE_SUFFIXES
 
 PACKAGED_IMAGE = {
     "efficientnet-lite0": {
@@ -37,11 +38,6 @@ PACKAGED_IMAGE = {
         "description": "EfficientNet-Lite0 ImageNet classifier (timm tf_efficientnet_lite0, 224 px)",
     },
 }
-PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith")
 
 
 def _package_dir(package: str) -> Path | None:
@@ -52,7 +48,9 @@ def _package_dir(package: str) -> Path | None:
 def packaged_efficientnet_lite0() -> Path:
     """The packaged weights as a timm directory in the cache (converted on first use)."""
     info = PACKAGED_IMAGE["efficientnet-lite0"]
-    out = cache_dir() / "models" / "efficientnet-lite0"
+    from tunesmith.strategies.feature_extraction import cache_root
+
+    out = cache_root(None) / "models" / "efficientnet-lite0"
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
     pkg = _package_dir(info["package"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,10 @@ from torch import nn
 from tunesmith.config import Config
 from tunesmith.data.features import Features
 from tunesmith.data.images import ImageSet, Preprocess, center_crop, decode, normalize, read_image_set
-from tunesmith.data.text import bad_rows_message, label_names, stratified_split
 from tunesmith.errors import UserError
 from tunesmith.models import ResolvedModel
 from tunesmith.registry import TASKS
-from tunesmith.validate import DataReport, FileReport, duplicates_and_conflicts
+from tunesmith.validate import DataReport, classification_report
 
 METRICS = ["accuracy", "macro_f1", "micro_f1", "loss"]
 
@@ -154,76 +152,33 @@ class ImageClassification:
         return problems
 
     def validate(self, tokenizer: Any = None) -> DataReport:
-        """Read every listing, decode every image once; report (see tunesmith.validate)."""
+        """Read every listing, decode every image once; report (see tunesmith.validate).
+
+        When training can proceed, the sets it read are the ones `load_data` returns."""
         d = self.config.data
         if self.pre is None:
             self.load_tokenizer(self.resolve())
-        rep = DataReport(skip_bad=d.bad_rows == "skip")
-        sets: dict[str, ImageSet] = {}
-        for split, path in (("train", d.train), ("validation", d.validation), ("test", d.test)):
-            if not path:
-                continue
-            f = FileReport(split, str(path))
-            rep.files.append(f)
-            try:
-                s = read_image_set(path, d, split)
-            except UserError as e:
-                f.error = str(e)
-                rep.errors.append(str(e))
-                continue
-            problems = self._decode_all(s.paths)
-            if problems:
-                keep = [i for i, p in enumerate(s.paths) if p not in problems]
-                s.bad = s.bad + [(s.where[i], problems[s.paths[i]]) for i in range(len(s.paths)) if s.paths[i] in problems]
-                s = ImageSet(s.name, s.source, [s.paths[i] for i in keep], [s.labels[i] for i in keep],
-                             [s.where[i] for i in keep], s.bad)
-            f.bad = s.bad
-            if s.bad and d.bad_rows == "error":
-                rep.errors.append(bad_rows_message(str(path), s.bad, shown=3).replace("bad row(s)", "bad image(s)/row(s)"))
-            if not s.paths:
-                rep.errors.append(f"{path}: no readable images")
-                continue
-            sets[split] = s
-        if "train" not in sets:
-            return rep
-        names = label_names(sets["train"], False)
-        if len(names) < 2:
-            rep.errors.append(f"{d.train}: only one class ('{names[0]}'); a classifier needs at least 2 classes")
-        known = set(names)
-        for split, s in sets.items():
-            unknown = [(w, l) for w, l in zip(s.where, s.labels) if l not in known]
-            if split != "train" and unknown:
-                (w, l), more = unknown[0], len(unknown) - 1
-                rep.errors.append(f"{w}: class '{l}' in the {split} data never occurs in the training data"
-                                  f"{f' (nor do {more} more)' if more else ''} (training classes: {', '.join(names[:20])})")
-        missing = {n: getattr(d, f"{n}_size") for n in ("validation", "test") if n not in sets}
-        if missing and len(names) >= 2:
-            try:
-                parts = stratified_split(sets["train"], missing, self.config.train.seed, False)
-            except UserError as e:
-                rep.errors.append(str(e))
-            else:
-                sets.update(parts)
-                rep.files[1:1] = [FileReport(n, parts[n].source) for n in missing]
-        digests = {p: self._content_key(p) for s in sets.values() for p in s.paths}
-        for f in rep.files:
-            s = sets.get(f.split)
-            if s is None:
-                continue
-            f.rows = len(s)
-            f.labels = Counter(s.labels)
-            f.duplicates, f.conflicts = duplicates_and_conflicts([digests[p] for p in s.paths], s.labels)
-        if "train" in sets:
-            train_keys = {digests[p] for p in sets["train"].paths}
-            for split in ("validation", "test"):
-                if split in sets:
-                    rep.overlap[split] = sum(1 for p in sets[split].paths if digests[p] in train_keys)
-        rep.check_labels(False)
+        rep, sets, names, _ = classification_report(
+            [("train", d.train), ("validation", d.validation), ("test", d.test)], self._read,
+            keys=lambda s: [self._content_key(p) for p in s.paths], multi_label=lambda _: False,
+            data=d, seed=self.config.train.seed, noun="class", unit="image(s)/row(s)",
+        )
         rep.check_rows()
         if rep.ok:
             self.labels = names
             self._prepared = PreparedImages(sets["train"], sets["validation"], sets["test"], names)
         return rep
+
+    def _read(self, path: str, split: str) -> ImageSet:
+        """A listing or folder, every image decoded; unreadable images join the set's bad rows."""
+        s = read_image_set(path, self.config.data, split)
+        problems = self._decode_all(s.paths)
+        if not problems:
+            return s
+        keep = [i for i, p in enumerate(s.paths) if p not in problems]
+        bad = s.bad + [(s.where[i], problems[p]) for i, p in enumerate(s.paths) if p in problems]
+        return ImageSet(s.name, s.source, [s.paths[i] for i in keep], [s.labels[i] for i in keep],
+                        [s.where[i] for i in keep], bad)
 
     def _content_key(self, p: Path) -> str:
         """Exact-duplicate key: the decoded pixels (the same picture saved twice is caught)."""

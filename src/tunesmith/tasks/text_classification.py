@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,21 +20,13 @@ from torch import nn
 from tunesmith.config import Config
 from tunesmith.data.batching import make_batches, pad_batch, shard
 from tunesmith.data.features import Features
-from tunesmith.data.text import (
-    TextSet,
-    bad_rows_message,
-    check_known_labels,
-    is_multi_label,
-    label_names,
-    read_text_set,
-    stratified_split,
-)
+from tunesmith.data.text import TextSet, check_known_labels, is_multi_label, read_text_set
 from tunesmith.errors import UserError
 from tunesmith.models import ResolvedModel
 from tunesmith.models.heads import mean_pool
 from tunesmith.models.safety import check_weights_safety
 from tunesmith.registry import TASKS
-from tunesmith.validate import DataReport, FileReport, duplicates_and_conflicts, token_lengths
+from tunesmith.validate import DataReport, classification_report, token_lengths
 
 # Validation metrics the best-model choice may use; 'loss' is minimised, the rest maximised.
 METRICS = ["accuracy", "macro_f1", "micro_f1", "loss"]
@@ -90,100 +81,42 @@ class TextClassification:
         self.tokenizer: Any = None
         self.labels: list[str] = []
         self.multi_label = False
+        self._prepared: PreparedData | None = None
 
     # -- data ---------------------------------------------------------------------------------
     def load_data(self) -> PreparedData:
-        d = self.config.data
-        train = read_text_set(d.train, d, "train")
-        given = {n: read_text_set(p, d, n) for n, p in (("validation", d.validation), ("test", d.test)) if p}
-        multi = is_multi_label([train, *given.values()], d)
-        missing = {n: getattr(d, f"{n}_size") for n in ("validation", "test") if n not in given}
-        if missing:
-            parts = stratified_split(train, missing, self.config.train.seed, multi)
-            train = parts.pop("train")
-            given.update(parts)
-        names = label_names(train, multi)
-        if len(names) < 2:
-            raise UserError(
-                f"{d.train}: only one label ('{names[0]}') in the training data; a classifier needs at least 2 classes"
-            )
-        for s in given.values():
-            check_known_labels(s, names, multi)
-        self.labels, self.multi_label = names, multi
-        return PreparedData(train, given["validation"], given["test"], names, multi)
+        """The data `validate` read and checked (validated now if it was not)."""
+        if self._prepared is None:
+            rep = self.validate()
+            if not rep.ok:
+                raise UserError(rep.error_line())
+        return self._prepared
 
     def validate(self, tokenizer: Any = None) -> DataReport:
-        """Read every data file once and report on it (see tunesmith.validate); never raises for bad data."""
+        """Read every data file once and report on it (see tunesmith.validate); never raises for bad data.
+
+        When training can proceed, the sets it read are the ones `load_data` returns."""
         d = self.config.data
-        rep = DataReport(max_length=self.config.train.max_length, skip_bad=d.bad_rows == "skip")
         collect = d.model_copy(update={"bad_rows": "skip"})  # read past bad rows to list them all
-        sets: dict[str, TextSet] = {}
-        files = (("train", d.train), ("validation", d.validation), ("test", d.test))
+        files = [("train", d.train), ("validation", d.validation), ("test", d.test)]
         if self.config.strategy.replay:
-            files += (("replay", self.config.strategy.replay.file),)
-        for split, path in files:
-            if not path:
-                continue
-            f = FileReport(split, str(path))
-            rep.files.append(f)
-            try:
-                s = read_text_set(path, collect, split)
-            except UserError as e:
-                f.error = str(e)
-                rep.errors.append(str(e))
-                continue
-            f.bad = s.bad
-            if s.bad and d.bad_rows == "error":
-                rep.errors.append(bad_rows_message(str(path), s.bad, shown=3))
-            sets[split] = s
-        if "train" not in sets:
-            return rep
-        multi = is_multi_label(list(sets.values()), d)
-        names = label_names(sets["train"], multi)
-        if len(names) < 2:
-            rep.errors.append(f"{d.train}: only one label ('{names[0]}') in the training data; a classifier needs at least 2 classes")
-        known = set(names)
-        for split, s in sets.items():
-            if split == "train":
-                continue
-            unknown = [(w, l) for w, ls in zip(s.where, s.labels) for l in (ls if multi else [ls]) if l not in known]
-            if unknown:
-                (w, l), more = unknown[0], len(unknown) - 1
-                rep.errors.append(
-                    f"{w}: label '{l}' in the {split} data never occurs in the training data "
-                    f"{f'(nor do {more} more {split} label(s)) ' if more else ''}"
-                    f"(training labels: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}); "
-                    "fix the label or add training rows with it"
-                )
-        missing = {n: getattr(d, f"{n}_size") for n in ("validation", "test") if n not in sets}
-        if missing:
-            try:
-                parts = stratified_split(sets["train"], missing, self.config.train.seed, multi)
-            except UserError as e:
-                rep.errors.append(str(e))
-            else:
-                sets.update(parts)
-                rep.files[1:1] = [FileReport(n, parts[n].source) for n in missing]
-        for f in rep.files:
-            s = sets.get(f.split)
-            if s is None:
-                continue
-            f.rows = len(s)
-            f.labels = Counter(l for ls in s.labels for l in (ls if multi else [ls]))
-            keys = list(zip(s.texts, s.pairs)) if s.pairs is not None else s.texts
-            f.duplicates, f.conflicts = duplicates_and_conflicts(keys, s.labels)
-            if tokenizer is not None:
-                f.lengths = token_lengths(tokenizer, s.texts, s.pairs)
-                f.truncated = sum(1 for n in f.lengths if n > rep.max_length)
-        train = sets["train"]
-        train_keys = set(zip(train.texts, train.pairs)) if train.pairs is not None else set(train.texts)
-        for split in ("validation", "test"):
-            if split in sets:
-                s = sets[split]
-                keys = zip(s.texts, s.pairs) if s.pairs is not None else s.texts
-                rep.overlap[split] = sum(1 for k in keys if k in train_keys)
-        rep.check_labels(multi)
+            files.append(("replay", self.config.strategy.replay.file))
+        rep, sets, names, multi = classification_report(
+            files, lambda path, split: read_text_set(path, collect, split),
+            keys=lambda s: list(zip(s.texts, s.pairs)) if s.pairs is not None else s.texts,
+            multi_label=lambda found: is_multi_label(found, d), data=d, seed=self.config.train.seed,
+        )
+        rep.max_length = self.config.train.max_length
+        if tokenizer is not None:
+            for f in rep.files:
+                if f.split in sets:
+                    s = sets[f.split]
+                    f.lengths = token_lengths(tokenizer, s.texts, s.pairs)
+                    f.truncated = sum(1 for n in f.lengths if n > rep.max_length)
         rep.check_rows()
+        if rep.ok:
+            self.labels, self.multi_label = names, multi
+            self._prepared = PreparedData(sets["train"], sets["validation"], sets["test"], names, multi)
         return rep
 
     def load_replay(self, path: str) -> TextSet:
