@@ -109,3 +109,83 @@ def make_config(tiny_model_dir, data_dir, tmp_path):
         return cfg
 
     return make
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LM_CORPUS = [
+    "how do I reset my password", "use the reset link on the login page", "my printer is offline",
+    "turn the printer off and on again", "the wifi keeps dropping", "move closer to the router",
+    "hello there", "hi, how can I help", "what is the capital of france", "paris is the capital of france",
+    "the quick brown fox jumps over the lazy dog", "support team answers every ticket within a day",
+]
+
+
+def make_chat_rows() -> list[dict]:
+    """Question/answer conversations the tiny model can memorise."""
+    pairs = [(LM_CORPUS[i], LM_CORPUS[i + 1]) for i in range(0, 10, 2)]
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer and a ChatML chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(LM_CORPUS * 3 + ["user assistant system\n"] * 3, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def lm_data_dir(tmp_path) -> Path:
+    d = tmp_path / "lmdata"
+    d.mkdir()
+    rows = make_chat_rows()
+    write_jsonl(d / "train.jsonl", rows * 8)
+    write_jsonl(d / "validation.jsonl", rows[:2])
+    write_jsonl(d / "test.jsonl", rows[2:])
+    return d
+
+
+@pytest.fixture
+def make_lm_config(tiny_llama_dir, lm_data_dir, tmp_path):
+    def make(**sections) -> dict:
+        cfg = {
+            "task": "causal-lm",
+            "model": str(tiny_llama_dir),
+            "data": {k: str(lm_data_dir / f"{k}.jsonl") for k in ("train", "validation", "test")},
+            "strategy": {"name": "full"},
+            "optim": {"lr": 3e-3, "batch_size": 4, "epochs": 3, "warmup": 0},
+            "train": {"max_length": 64, "seed": 0, "log_every": 1},
+            "lm": {"forgetting": None, "max_new_tokens": 24},
+            "output_dir": str(tmp_path / "lmrun"),
+        }
+        for k, v in sections.items():
+            if isinstance(v, dict):
+                cfg.setdefault(k, {}).update(v)
+            else:
+                cfg[k] = v
+        return cfg
+
+    return make

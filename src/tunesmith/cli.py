@@ -3,6 +3,8 @@
     tunesmith train CONFIG.yaml [key=value ...] [--overwrite]
     tunesmith eval RUN_DIR --data FILE
     tunesmith predict RUN_DIR "some text" ... | --file FILE [--output preds.csv]
+    tunesmith generate RUN_DIR "prompt" [--temperature 0.7 --max-new-tokens 256 ...]
+    tunesmith chat RUN_DIR
     tunesmith validate CONFIG.yaml [key=value ...]
     tunesmith lr-find CONFIG.yaml [key=value ...] [--output plot.png]
     tunesmith models | strategies | tasks
@@ -58,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", help="a .csv/.tsv/.jsonl/.parquet file with the run's text column")
     pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
     pr.add_argument("--batch-size", type=int, default=64)
+
+    for name, helptext in (("generate", "answer a prompt with a causal-lm run (chat template applied, streamed)"),
+                           ("chat", "talk to a causal-lm run in the terminal, turn by turn")):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("run_dir", help="a causal-lm run directory, a model directory, or a packaged model name")
+        if name == "generate":
+            g.add_argument("prompt", nargs="+", help="the prompt (words are joined with spaces)")
+            g.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+        g.add_argument("--system", help="system message (default: the run's lm.system_prompt)")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (deterministic)")
+        g.add_argument("--top-p", type=float, default=0.9)
+        g.add_argument("--top-k", type=int, default=50)
+        g.add_argument("--repetition-penalty", type=float, default=1.0)
+        g.add_argument("--seed", type=int, help="seed the sampling (repeatable answers)")
 
     lf = sub.add_parser("lr-find", help="learning-rate range test: sweep, plot (PNG), suggest a rate")
     lf.add_argument("config")
@@ -131,6 +148,32 @@ def _cmd_lr_find(a: argparse.Namespace) -> int:
     print(f"suggested lr: {found['suggested_lr']:.2e}  (set optim.lr={found['suggested_lr']:.2e}, or optim.lr=find)")
     print(f"plot: {png}")
     return 0
+
+
+def _sampling(a: argparse.Namespace) -> dict[str, Any]:
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
+    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+            "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from tunesmith.generate import ChatModel
+
+    model = ChatModel(a.run_dir, system_prompt=a.system)
+    for piece in model.stream(" ".join(a.prompt), raw=a.raw, **_sampling(a)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(a: argparse.Namespace) -> int:
+    from tunesmith.generate import ChatModel, chat_loop
+
+    return chat_loop(ChatModel(a.run_dir, system_prompt=a.system), _sampling(a))
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
@@ -304,7 +347,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
     "lr-find": _cmd_lr_find, "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
-    "sample-data": _cmd_sample_data,
+    "sample-data": _cmd_sample_data, "generate": _cmd_generate, "chat": _cmd_chat,
 }
 
 

@@ -164,6 +164,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end of each epoch).")
     checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints (plus the one at the best validation step).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass instead of storing them: less memory, about a third slower."
+    )
     max_bad_steps: int = Field(
         5, ge=1, description="A step whose gradient is NaN/inf is skipped and counted; this many in a row stop the run."
     )
@@ -188,11 +191,39 @@ class ImageConfig(_Section):
     top_k: int = Field(5, gt=0, description="Top-k accuracy in the metrics and k for predictions.")
 
 
+class LMConfig(_Section):
+    format: Literal["auto", "chat", "prompt-completion", "alpaca", "text"] = Field(
+        "auto", description="causal-lm data format; auto decides per file from its fields (messages | prompt+completion | instruction+output | text) or .txt."
+    )
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens the loss covers: assistant turns (completions for prompt/completion data) with their end-of-turn token, or all tokens."
+    )
+    packing: bool = Field(
+        True, description="Pack short examples into rows of train.max_length tokens (position ids restart per example: no attention across examples); false: one example per row, dynamic padding."
+    )
+    chat_template: str | None = Field(
+        None, description="Chat template: null = the model's own (or the documented default if it has none), 'default', a .jinja file, or the template text."
+    )
+    system_prompt: str | None = Field(None, description="A system message added to every conversation that has none (training, samples, generate).")
+    too_long: Literal["error", "skip"] = Field(
+        "error", description="An example whose last answer does not fit in train.max_length even with its prompt cut: 'error' names it by file:line, 'skip' drops and counts it."
+    )
+    prompts: list[str] | None = Field(
+        None, description="Prompts answered by the base and the tuned model side by side (samples.md); default: the first 5 test conversations."
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Tokens generated per sample prompt (greedy).")
+    forgetting: str | None = Field(
+        "guardian", description="General text for the forgetting check (perplexity before/after): 'guardian' (headlines in scattertext), a .txt/.jsonl file, or null."
+    )
+    forgetting_rows: int = Field(1000, gt=0, description="At most this many documents of the forgetting text are scored.")
+
+
 class Config(_Section):
-    task: str = Field(description="What the model learns: text-classification or image-classification.")
+    task: str = Field(description="What the model learns: text-classification, image-classification or causal-lm.")
     model: str = Field(description="A packaged model name (see `tunesmith models`), a local Hugging Face or timm directory, a timm architecture name, or a hub id.")
     model_file: str | None = Field(None, description="image-classification: weights (.safetensors; .pth with allow_pickle) for a timm architecture named by `model`.")
     image: ImageConfig = Field(default_factory=ImageConfig)
+    lm: LMConfig = Field(default_factory=LMConfig)
     data: DataConfig
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -220,8 +251,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        from tunesmith.registry import TASKS
         from tunesmith.tasks.text_classification import METRICS
 
+        task = TASKS.get(self.task)
+        METRICS = getattr(task, "metrics_names", METRICS)
+        if "metric" not in self.train.model_fields_set and self.train.metric not in METRICS:
+            self.train.metric = METRICS[0]  # the task's own default (causal-lm: loss)
+        if hasattr(task, "check_config"):
+            task.check_config(self)  # combinations the task refuses, and its defaults
         if self.train.metric not in METRICS:
             raise ValueError(
                 f"train.metric: '{self.train.metric}' is not a validation metric{did_you_mean(self.train.metric, METRICS)}; "

@@ -84,7 +84,7 @@ def set_train_mode(model: nn.Module) -> None:
 def _metric_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
-    return new < best if metric == "loss" else new > best
+    return new < best if metric in ("loss", "perplexity") else new > best
 
 
 def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> RunResult | dict[str, Any]:
@@ -124,8 +124,9 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     for s in (data.train, data.validation, data.test):
         skipped = f", {s.skipped} bad rows skipped" if s.skipped else ""
         console.print(f"data: {s.name:<10} {len(s):>6} rows from {s.source}{skipped}")
-    console.print(f"labels: {len(data.labels)} ({', '.join(data.labels[:10])}{' ...' if len(data.labels) > 10 else ''})"
-                  f"{', multi-label' if data.multi_label else ''}")
+    if data.labels:
+        console.print(f"labels: {len(data.labels)} ({', '.join(data.labels[:10])}{' ...' if len(data.labels) > 10 else ''})"
+                      f"{', multi-label' if data.multi_label else ''}")
     replay = task.load_replay(cfg.strategy.replay.file) if cfg.strategy.replay else None
     if replay is not None:
         console.print(f"replay: {len(replay)} rows from {replay.source}, {cfg.strategy.replay.fraction:.0%} of every batch")
@@ -133,10 +134,11 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     # 2. Model: the pre-trained backbone with a new head sized to the labels.
     model, head, discarded = task.load_model(resolved)
     console.print(f"model: {cfg.model} ({resolved.source}, {resolved.path})")
-    console.print(
-        f"head: new {len(data.labels)}-way head ({', '.join(head)})"
-        + (f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else "")
-    )
+    if head:
+        console.print(
+            f"head: new {len(data.labels)}-way head ({', '.join(head)})"
+            + (f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else "")
+        )
 
     # 3. Strategy: freeze (or wrap), then parameter groups with lr scales. `auto` picks one first.
     parts = ModelParts(model, head)
@@ -155,12 +157,22 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     console.print(param_table(groups, lr_fixed))
     if trainable == 0:
         raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
+    if cfg.train.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not getattr(inner, "supports_gradient_checkpointing", False):
+            raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        console.print("gradient checkpointing: on (activations recomputed in the backward pass)")
 
     # 4. Tokenize once; every epoch reuses the ids.
     enc = {s.name: task.encode(s) for s in (data.train, data.validation, data.test)}
     for name, e in enc.items():
         if e.truncated:
-            console.print(f"truncated: {e.truncated} of {len(e)} {name} rows exceed train.max_length={cfg.train.max_length}")
+            console.print(f"truncated: {e.truncated} of {getattr(e, 'examples', len(e))} {name} rows exceed "
+                          f"train.max_length={cfg.train.max_length}")
+    for line in task.describe(enc) if hasattr(task, "describe") else []:
+        console.print(line)
+    unit = getattr(task, "unit", "samples")
 
     precision = resolve_precision(cfg.train.precision, device)
     amp = autocast_dtype(precision)
@@ -240,8 +252,11 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     # 5. Baselines on the held-out test set: the starting model and a linear probe.
     ev: dict[str, Any] = {}
     if cfg.eval.before:
-        ev["before"], test_feats = evaluate("test", features=cfg.eval.linear_probe)
-        if cfg.eval.linear_probe:
+        probe = cfg.eval.linear_probe and getattr(task, "linear_probe", True)
+        ev["before"], test_feats = evaluate("test", features=probe)
+        if hasattr(task, "extra_eval") and main:
+            ev["before"].update(task.extra_eval(accelerator.unwrap_model(train_model), "before", device, amp, out, console))
+        if probe:
             sub = list(range(len(enc["train"])))
             if len(sub) > PROBE_MAX_ROWS:
                 sub = sorted(np.random.default_rng(cfg.train.seed).choice(len(sub), PROBE_MAX_ROWS, replace=False).tolist())
@@ -275,7 +290,7 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
 
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} " + unit + "/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     )
     bar = progress.add_task("train", total=total_steps, epoch=1, loss="-", speed="-")
@@ -479,9 +494,10 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                         running_loss.zero_()
                         running_n = 0
                         speed = samples / elapsed
-                        progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{speed:.1f}")
+                        shown = tokens / elapsed if unit == "tokens" else speed
+                        progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{shown:.1f}")
                         record = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
-                                  "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed}
+                                  "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed, "tokens_per_s": tokens / elapsed}
                         if cfg.strategy.l2sp and anchor is not None:
                             record["l2sp_distance"] = anchor.distance()
                         write(record)
@@ -520,6 +536,13 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     unwrapped = model if train_model is not model else unwrapped_train  # the whole model, head included
     unwrapped.eval()
     ev["after"], _ = evaluate("test")
+    if hasattr(task, "extra_eval") and main:
+        ev["after"].update(task.extra_eval(unwrapped, "after", device, amp, out, console))
+        gb, ga = ev.get("before", {}).get("general_text"), ev["after"].get("general_text")
+        if gb and ga:
+            ev["forgetting"] = {"source": ga["source"], "perplexity_before": gb["perplexity"],
+                                "perplexity_after": ga["perplexity"],
+                                "change_pct": 100.0 * (ga["perplexity"] / gb["perplexity"] - 1.0)}
     moved = strategy.moved() if hasattr(strategy, "moved") else anchor.moved() if anchor is not None else None
     if moved:
         ev["weights_moved"] = moved
@@ -575,11 +598,16 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
         if lock is not None:
             lock.close()
         console.print(results_table(ev))
-        if len(data.labels) <= 30:
+        if data.labels and len(data.labels) <= 30:
             console.print(per_class_table(ev["after"]))
-        console.print(
-            f"train: {ev['train']['runtime_s']:.1f} s, {ev['train']['samples_per_s']:.1f} samples/s, "
-            f"peak RSS {train_peak:.0f} MB; run directory: {out}"
-        )
+        if "forgetting" in ev:
+            fg = ev["forgetting"]
+            console.print(f"forgetting: perplexity on {fg['source']} {fg['perplexity_before']:.2f} -> "
+                          f"{fg['perplexity_after']:.2f} ({fg['change_pct']:+.1f}%)")
+        if (out / "samples.md").exists():
+            console.print(f"base vs tuned answers: {out / 'samples.md'}")
+        speed = (f"{ev['train']['tokens_per_s']:.1f} tokens/s" if unit == "tokens"
+                 else f"{ev['train']['samples_per_s']:.1f} samples/s")
+        console.print(f"train: {ev['train']['runtime_s']:.1f} s, {speed}, peak RSS {train_peak:.0f} MB; run directory: {out}")
     accelerator.wait_for_everyone()
     return RunResult(out, cfg, ev, unwrapped)

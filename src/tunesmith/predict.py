@@ -148,6 +148,10 @@ def load(run_dir: str | Path, device: str | None = None) -> TextClassifier | Ima
         raise UserError(f"run directory {path} does not exist")
     model_dir = path / "model" if (path / "model").is_dir() else path
     cfg = model_dir / "config.json"
-    if cfg.exists() and "architecture" in json.loads(cfg.read_text(encoding="utf-8")):
+    info = json.loads(cfg.read_text(encoding="utf-8")) if cfg.exists() else {}
+    if "architecture" in info:
         return ImageClassifier(path, device)
+    if any(a.endswith("ForCausalLM") for a in info.get("architectures") or []):
+        raise UserError(f"{run_dir} holds a language model; use `tunesmith generate {run_dir} \"prompt\"` or "
+                        f"`tunesmith chat {run_dir}` (predict is for classifiers)")
     return TextClassifier(path, device)

@@ -58,14 +58,18 @@ def moved_table(moved: dict[str, float]) -> Table:
 
 def results_table(ev: dict[str, Any]) -> Table:
     cols = [(k, ev[k]) for k in ("before", "linear_probe", "after") if isinstance(ev.get(k), dict)]
-    names = {"before": "before (new head)", "linear_probe": "linear probe", "after": "after fine-tuning"}
+    names = {"before": "before (new head)" if "accuracy" in ev.get("after", {}) else "before",
+             "linear_probe": "linear probe", "after": "after fine-tuning"}
     t = Table(title="held-out test set", title_justify="left")
     t.add_column("metric")
     for k, _ in cols:
         t.add_column(names[k], justify="right")
-    for metric in ("accuracy", "macro_f1", "micro_f1", "loss"):
+    for metric in ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity"):
         if any(metric in m for _, m in cols):
             t.add_row(metric, *[f"{m[metric]:.4f}" if metric in m else "-" for _, m in cols])
+    if any("general_text" in m for _, m in cols):  # causal-lm: the forgetting check
+        t.add_row("general-text perplexity", *[f"{m['general_text']['perplexity']:.2f}" if "general_text" in m else "-"
+                                               for _, m in cols])
     return t
 
 

