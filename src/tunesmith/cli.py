@@ -86,11 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("strategies", help="list the fine-tuning strategies")
     sub.add_parser("tasks", help="list the tasks")
 
-    sd = sub.add_parser("sample-data", help="write sample data that ships in installed packages (digits: MNIST PNGs)")
-    sd.add_argument("name", choices=["digits"])
+    sd = sub.add_parser("sample-data", help="write sample data that ships in installed packages "
+                        "(digits: MNIST PNGs; chatterbot: Q/A pairs as chat JSONL)")
+    sd.add_argument("name", choices=["digits", "chatterbot"])
     sd.add_argument("output_dir")
-    sd.add_argument("--train-per-class", type=int, default=100)
-    sd.add_argument("--test-per-class", type=int, default=50)
+    sd.add_argument("--train-per-class", type=int, default=100, help="digits")
+    sd.add_argument("--test-per-class", type=int, default=50, help="digits")
+    sd.add_argument("--topics", default="tech_support,computers,ai",
+                    help="chatterbot: comma-separated topic files (tech_support, computers, ai, ...) or all")
 
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on Rotten Tomatoes reviews (a few minutes on a CPU)")
     d.add_argument("--output-dir", default="runs/demo")
@@ -197,6 +200,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     run_dir = Path(a.run_dir)
     raw = _run_config(run_dir)
+    if raw.get("task") == "causal-lm":
+        return _eval_lm(run_dir, raw, a)
     clf = load(run_dir)
     dcfg = DataConfig.model_validate({**raw["data"], "train": a.data, "validation": None, "test": None, "max_rows": None})
     s = read_text_set(a.data, dcfg, "evaluation")
@@ -215,6 +220,31 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         c = Console(highlight=False)
         c.print(results_table({"after": m}))
         c.print(per_class_table(m))
+    return 0
+
+
+def _eval_lm(run_dir: Path, raw: dict[str, Any], a: argparse.Namespace) -> int:
+    """Loss and perplexity of a causal-lm run on a file, with the run's own data settings."""
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.registry import TASKS
+
+    raw = {**raw, "model": str(run_dir / "model"), "strategy": {"name": "full"}, "resume": False,
+           "data": {**raw["data"], "train": a.data, "validation": a.data, "test": a.data, "max_rows": None}}
+    cfg = load_config(raw)
+    task = TASKS.get("causal-lm")(cfg)
+    resolved = task.resolve()
+    report = task.validate(task.load_tokenizer(resolved))
+    if not report.ok:
+        raise UserError(report.error_line())
+    model, _, _ = task.load_model(resolved)
+    enc = task.encode(task.load_data().train)
+    m = task.metrics(task.predict_logits(model, enc, cfg.eval.batch_size, torch.device("cpu"))[0])
+    if a.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(f"{a.data}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f} over {m['tokens']:,} trained tokens")
     return 0
 
 
@@ -330,8 +360,13 @@ def _cmd_tasks(a: argparse.Namespace) -> int:
 
 
 def _cmd_sample_data(a: argparse.Namespace) -> int:
-    from tunesmith.datasets import write_digits
+    from tunesmith.datasets import write_chatterbot, write_digits
 
+    if a.name == "chatterbot":
+        counts = write_chatterbot(Path(a.output_dir), [t.strip() for t in a.topics.split(",") if t.strip()])
+        print(f"wrote {counts['train']} training, {counts['validation']} validation and {counts['test']} test conversations "
+              f"(OpenAI chat JSONL) to {a.output_dir}")
+        return 0
     counts = write_digits(Path(a.output_dir), a.train_per_class, a.test_per_class)
     print(f"wrote {counts['train']} training and {counts['test']} test digits (PNG, a folder per digit) to {a.output_dir}")
     return 0

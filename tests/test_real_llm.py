@@ -1,0 +1,52 @@
+"""The packaged SmolLM2-135M-Instruct: GGUF conversion, chat template, a short LoRA run (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tunesmith
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.ci  # about 40 s: the conversion path is this issue's main way in, so CI runs it
+def test_gguf_converts_once_to_a_plain_model_that_answers(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.generate import ChatModel
+    from tunesmith.models import resolve_model
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    r = resolve_model("smollm2-135m")
+    assert r.source == "packaged" and (r.path / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(r.path)
+    assert not hasattr(model.config, "quantization_config")  # a plain float model: save_pretrained works
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    tok = AutoTokenizer.from_pretrained(r.path)
+    assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+    mtime = (r.path / "model.safetensors").stat().st_mtime
+    assert resolve_model("smollm2-135m").path == r.path  # the second time: no conversion
+    assert (r.path / "model.safetensors").stat().st_mtime == mtime
+    chat = ChatModel("smollm2-135m")
+    answer = chat.generate("What is the capital of France?", temperature=0, max_new_tokens=24)
+    assert "Paris" in answer and chat.stopped
+
+
+def test_chat_support_config_tunes_towards_the_corpus(tmp_path, monkeypatch):
+    from tunesmith.datasets import write_chatterbot
+
+    write_chatterbot(tmp_path / "data")
+    cfg = tunesmith.load_config(Path(__file__).parent.parent / "configs" / "chat-support.yaml", [
+        f"data.train={tmp_path / 'data/train.jsonl'}", f"data.validation={tmp_path / 'data/validation.jsonl'}",
+        f"data.test={tmp_path / 'data/test.jsonl'}", f"output_dir={tmp_path / 'run'}", "optim.epochs=2",
+        "lm.forgetting_rows=200",
+    ])
+    res = tunesmith.train(cfg.to_dict(), quiet=True)
+    ev = res.eval
+    assert ev["after"]["loss"] < ev["before"]["loss"]
+    assert abs(ev["forgetting"]["change_pct"]) < 25
+    samples = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and all(s["base"] and s["tuned"] for s in samples)
