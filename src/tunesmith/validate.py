@@ -187,6 +187,39 @@ def duplicates_and_conflicts(keys: list[Any], labels: list[Any]) -> tuple[int, i
     return dup, sum(1 for v in seen.values() if len(v) > 1)
 
 
+def read_files(
+    files: list[tuple[str, str | None]], read: Callable[[str, str], Any], data: Any, unit: str = "row(s)",
+    max_length: int | None = None,
+) -> tuple[DataReport, dict[str, Any]]:
+    """Read each (split, path) with `read(path, split)` (bad rows collected in `.bad`, a UserError for
+    a file that can't be read at all) into a report with one FileReport per file; returns the
+    report and the readable, non-empty sets by split."""
+    from tunesmith.data.text import bad_rows_message
+    from tunesmith.errors import UserError
+
+    rep = DataReport(skip_bad=data.bad_rows == "skip", max_length=max_length)
+    sets: dict[str, Any] = {}
+    for split, path in files:
+        if not path:
+            continue
+        f = FileReport(split, str(path))
+        rep.files.append(f)
+        try:
+            s = read(path, split)
+        except UserError as e:
+            f.error = str(e)
+            rep.errors.append(str(e))
+            continue
+        f.bad = list(s.bad)
+        if s.bad and data.bad_rows == "error":
+            rep.errors.append(bad_rows_message(str(path), s.bad, shown=3, unit=unit))
+        if not len(s):
+            rep.errors.append(f"{path}: no usable {unit} (all {len(s.bad)} are bad)")
+            continue
+        sets[split] = s
+    return rep, sets
+
+
 def classification_report(
     files: list[tuple[str, str | None]],
     read: Callable[[str, str], Any],
@@ -204,29 +237,10 @@ def classification_report(
     `bad` and `subset`; `keys(set)` gives each row's exact-duplicate key (the text, the pixels).
     Validation and test parts missing from `files` are split from train, as training does.
     """
-    from tunesmith.data.text import bad_rows_message, label_names, stratified_split
+    from tunesmith.data.text import label_names, stratified_split
     from tunesmith.errors import UserError
 
-    rep = DataReport(skip_bad=data.bad_rows == "skip")
-    sets: dict[str, Any] = {}
-    for split, path in files:
-        if not path:
-            continue
-        f = FileReport(split, str(path))
-        rep.files.append(f)
-        try:
-            s = read(path, split)
-        except UserError as e:
-            f.error = str(e)
-            rep.errors.append(str(e))
-            continue
-        f.bad = s.bad
-        if s.bad and data.bad_rows == "error":
-            rep.errors.append(bad_rows_message(str(path), s.bad, shown=3, unit=unit))
-        if not len(s):
-            rep.errors.append(f"{path}: no usable {unit} (all {len(s.bad)} are bad)")
-            continue
-        sets[split] = s
+    rep, sets = read_files(files, read, data, unit)
     if "train" not in sets:
         return rep, sets, [], False
     multi = multi_label(list(sets.values()))

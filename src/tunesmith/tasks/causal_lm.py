@@ -167,32 +167,14 @@ class CausalLM:
 
     def validate(self, tokenizer: Any = None) -> DataReport:
         """Read and check every file; with a tokenizer also tokenize, count truncation and find examples too long."""
-        from tunesmith.data.text import bad_rows_message
+        from tunesmith.validate import read_files
 
         d, lm = self.config.data, self.config.lm
-        rep = DataReport(skip_bad=d.bad_rows == "skip", max_length=self.config.train.max_length)
-        sets: dict[str, LMSet] = {}
         files = [("train", d.train), ("validation", d.validation), ("test", d.test)]
         if self.config.strategy.replay:
             files.append(("replay", self.config.strategy.replay.file))
-        for split, path in files:
-            if not path:
-                continue
-            f = FileReport(split, str(path))
-            rep.files.append(f)
-            try:
-                s = read_lm_set(path, d, lm, split)
-            except UserError as e:
-                f.error = str(e)
-                rep.errors.append(str(e))
-                continue
-            f.bad = list(s.bad)
-            if s.bad and d.bad_rows == "error":
-                rep.errors.append(bad_rows_message(str(path), s.bad, shown=3))
-            if not len(s):
-                rep.errors.append(f"{path}: no usable example (all {len(s.bad)} rows are bad)")
-                continue
-            sets[split] = s
+        rep, sets = read_files(files, lambda path, split: read_lm_set(path, d, lm, split), d,
+                               max_length=self.config.train.max_length)
         if "train" not in sets:
             return rep
         formats = {s.format for s in sets.values()}
