@@ -45,19 +45,17 @@ TRL_TEMPLATE = (
 
 
 def held_out_loss(model, data_dir: Path) -> float:
-    from tunesmith.config import load_config
-    from tunesmith.registry import TASKS
-    from tunesmith.models import resolve_model
+    """The test split's loss per trained token, by tunesmith's own preparation and evaluation (any model)."""
     import torch
 
-    cfg = load_config(_tunesmith_config(data_dir, "/tmp/unused", 1))
-    task = TASKS.get("causal-lm")(cfg)
-    task.load_tokenizer(resolve_model(cfg.model))
-    rep = task.validate(task.tokenizer)
-    assert rep.ok, rep.errors
+    from tunesmith.config import load_config
+    from tunesmith.loop import preflight
+    from tunesmith.tasks.base import Runtime
+
+    task, _, report = preflight(load_config(_tunesmith_config(data_dir, "/tmp/unused", 1)))
+    assert report.ok, report.errors
     enc = task.encode(task.load_data().test)
-    per_row, _ = task.predict_logits(model, enc, 16, torch.device("cpu"))
-    return task.metrics(per_row)["loss"]
+    return task.evaluate(model, enc, Runtime(torch.device("cpu"), batch_size=16))[0]["loss"]
 
 
 def _tunesmith_config(data_dir: Path, out: str, steps: int) -> dict:

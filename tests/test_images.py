@@ -50,7 +50,7 @@ def config(tiny_timm_dir, images, tmp_path, **sections):
     cfg = {"task": "image-classification", "model": str(tiny_timm_dir), "output_dir": str(tmp_path / "run"),
            "data": {"train": str(images / "train"), "test": str(images / "test")},
            "optim": {"epochs": 6, "batch_size": 8, "lr": 3e-3}, "image": {"size": 48},
-           "train": {"log_every": 1}, "eval": {"linear_probe": False}}
+           "train": {"log_every": 1, "precision": "fp32"}, "eval": {"linear_probe": False}}
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
@@ -83,6 +83,9 @@ def test_train_loss_falls_export_reloads_with_timm_alone(tiny_timm_dir, images, 
     np.testing.assert_allclose(clf.logits(files), timm_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(trained, timm_logits, atol=1e-5, rtol=0)
     assert [p.label for p in clf.predict(files)] == [f.parent.name for f in files]
+    # `tunesmith eval` on the test folder: the task's own metrics, the same as the run measured
+    again = tunesmith.evaluate(tmp_path / "run", str(images / "test"))
+    assert again["accuracy"] == ev["after"]["accuracy"] and again["loss"] == pytest.approx(ev["after"]["loss"], rel=1e-4)
 
 
 def test_prediction_preprocessing_equals_evaluation_and_timm(tiny_timm_dir, images, tmp_path):

@@ -30,6 +30,13 @@ def test_gguf_converts_once_to_a_plain_model_that_answers(tmp_path, monkeypatch)
     mtime = (r.path / "model.safetensors").stat().st_mtime
     assert resolve_model("smollm2-135m").path == r.path  # the second time: no conversion
     assert (r.path / "model.safetensors").stat().st_mtime == mtime
+    # the shipped chat config validates through train's own preparation (its data is in the repository)
+    from tunesmith.api import validate
+
+    repo = Path(__file__).resolve().parent.parent
+    report = validate(repo / "configs" / "chat-support.yaml",
+                      [f"data.{s}={repo / 'data' / 'chatterbot' / s}.jsonl" for s in ("train", "validation", "test")])
+    assert report.ok and report.file("train").rows > 100 and report.file("train").lengths
     chat = ChatModel("smollm2-135m")
     answer = chat.generate("What is the capital of France?", temperature=0, max_new_tokens=24)
     assert "Paris" in answer and chat.stopped

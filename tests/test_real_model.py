@@ -95,3 +95,23 @@ def test_packaged_efficientnet_labels_sample_photos_as_imagenet_would(tmp_path, 
         top[name] = names[int(p.argmax())]
     assert top["chelsea"] in ("tiger cat", "tabby, tabby cat", "Egyptian cat"), top
     assert top["coffee"] in ("espresso", "cup"), top
+
+
+@pytest.mark.ci  # a few seconds: validate must accept what train accepts, packaged image model included
+def test_validate_accepts_the_shipped_image_and_text_configs(rotten, tmp_path, monkeypatch, capsys):
+    """`tunesmith validate` goes through train's own preparation: the packaged EfficientNet-Lite0 on a
+    folder of PNGs and the packaged MiniLM on CSV files both pass (validate once rejected the first)."""
+    from pathlib import Path
+
+    from tunesmith.cli import main
+    from tunesmith.datasets import write_digits
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    write_digits(tmp_path / "digits", 5, 3)
+    assert main(["validate", str(configs / "digits.yaml"), f"data.train={tmp_path / 'digits/train'}",
+                 f"data.test={tmp_path / 'digits/test'}"]) == 0
+    data = [f"data.train={rotten / 'train.csv'}", "data.validation=null", f"data.test={rotten / 'test.csv'}"]
+    assert main(["validate", str(configs / "sentiment.yaml"), *data]) == 0
+    out = capsys.readouterr().out
+    assert out.count("is ready to train") == 2

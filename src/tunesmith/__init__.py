@@ -6,9 +6,9 @@
     clf("a gripping, beautifully shot film")
 """
 
-from tunesmith.api import RunResult, load, train
+from tunesmith.api import RunResult, evaluate, load, train, validate
 from tunesmith.config import Config, load_config
 from tunesmith.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "load_config", "Config", "RunResult", "UserError", "__version__"]
+__all__ = ["train", "validate", "evaluate", "load", "load_config", "Config", "RunResult", "UserError", "__version__"]

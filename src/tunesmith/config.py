@@ -40,48 +40,22 @@ class DataConfig(_Section):
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick experiments).")
 
 
-class LoraConfig(_Section):
-    r: int = Field(8, gt=0, description="LoRA rank: size of the low-rank update of each target weight.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch input.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt (a name matches itself and any '*.name'); default: per architecture, e.g. BERT query,value."
-    )
-
-
 class ReplayConfig(_Section):
     file: str = Field(description="General-domain examples to mix into training, in the training data's format (same columns, known labels).")
     fraction: float = Field(0.1, gt=0, lt=1, description="Share of every training batch taken from the replay file.")
 
 
-STRATEGY_NAMES = "full | head-only | feature-extraction | freeze | gradual-unfreeze | lora | auto"
+GUARDS = ("l2sp", "replay")
 
 
 class StrategyConfig(_Section):
-    name: str = Field("full", description=f"Which weights train: {STRATEGY_NAMES} (see `tunesmith strategies`).")
-    train_last_n: int | None = Field(
-        None, ge=0, description="freeze: train the last N blocks (plus the layers above them and the head); the rest stays frozen."
-    )
-    freeze_patterns: list[str] = Field(
-        default_factory=list, description="freeze: also freeze parameters whose names match these glob patterns, e.g. '*.attention.*'."
-    )
-    freeze_embeddings: bool = Field(True, description="freeze / gradual-unfreeze: keep the embeddings frozen.")
-    unfreeze_every: int = Field(
-        0, ge=0, description="gradual-unfreeze: unfreeze one more block every N optimizer steps; 0 = one more block each epoch."
-    )
-    layer_decay: float | None = Field(
-        None, gt=0, le=1, description="Discriminative learning rates: each block's lr is the head's lr times layer_decay^(distance from the head)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    head: Literal["linear", "mlp"] = Field("linear", description="feature-extraction: the model's own linear head, or an MLP in its place.")
-    head_hidden: int = Field(256, gt=0, description="feature-extraction with head: mlp: hidden units.")
-    pooling: Literal["auto", "head", "mean"] = Field(
-        "auto", description="feature-extraction: 'head' caches what the model's own head reads (plain HF export); 'mean' the mean of "
-        "the last hidden states (sentence-transformers models); auto: mean when the model's pooling config says so."
-    )
-    cache_dir: str | None = Field(
-        None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
-    )
+    """The `strategy:` section. Besides the keys below, each strategy reads keys of its own, declared
+    as its `Options` model (`tunesmith strategies` lists them): `train_last_n` for freeze, `lora.r`
+    for lora, `pooling` for feature-extraction, ... They are checked against the chosen strategy here."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field("full", description="Which weights train (see `tunesmith strategies`); default: the task's own (full; lora for causal-lm).")
     l2sp: float = Field(
         0.0, ge=0, description="Forgetting guard: add l2sp/2 * ||w - w_pretrained||^2 to the loss for every pre-trained weight that trains."
     )
@@ -100,31 +74,70 @@ class StrategyConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _combinations(self) -> "StrategyConfig":
-        name = self.name
-        if name == "auto":
-            return self
-        if self.train_last_n is not None and name != "freeze":
-            raise ValueError(f"strategy.train_last_n applies to strategy 'freeze', not '{name}'")
-        if self.freeze_patterns and name != "freeze":
-            raise ValueError(f"strategy.freeze_patterns applies to strategy 'freeze', not '{name}'")
-        if name == "freeze" and self.train_last_n is None and not self.freeze_patterns:
-            raise ValueError("strategy 'freeze' needs strategy.train_last_n (e.g. 2) or strategy.freeze_patterns")
-        if self.layer_decay is not None and name not in ("full", "freeze", "gradual-unfreeze"):
-            raise ValueError(f"strategy.layer_decay combines with full, freeze and gradual-unfreeze, not '{name}'")
-        if self.unfreeze_every and name != "gradual-unfreeze":
-            raise ValueError(f"strategy.unfreeze_every applies to strategy 'gradual-unfreeze', not '{name}'")
-        if self.pooling != "auto" and name != "feature-extraction":
-            raise ValueError(f"strategy.pooling applies to strategy 'feature-extraction', not '{name}'")
-        if self.head != "linear" and name != "feature-extraction":
-            raise ValueError(f"strategy.head: {self.head} applies to strategy 'feature-extraction', not '{name}'")
-        frozen_backbone = name in ("head-only", "feature-extraction")
-        if self.l2sp and (frozen_backbone or name == "lora"):
-            why = "the pre-trained weights do not move" if frozen_backbone else "LoRA leaves the pre-trained weights unchanged"
-            raise ValueError(f"strategy.l2sp does nothing with strategy '{name}': {why}")
-        if self.replay is not None and frozen_backbone:
-            raise ValueError(f"strategy.replay does nothing with strategy '{name}': the backbone is frozen, nothing can be forgotten")
+    def _options(self) -> "StrategyConfig":
+        """The chosen strategy's own keys, validated by its Options model; the guards it allows."""
+        from tunesmith.registry import STRATEGIES
+
+        strategy = STRATEGIES.get(self.name)
+        given = dict(self.__pydantic_extra__ or {})
+        owners = _option_owners()
+        for key, value in given.items():
+            if key not in owners:
+                valid = sorted(set(owners) | set(StrategyConfig.model_fields))
+                raise ValueError(f"unknown key 'strategy.{key}'{did_you_mean(key, valid)}; valid keys here: {', '.join(valid)}")
+        if self.name == "auto":  # any strategy's keys: auto keeps those of the one it chooses
+            options = {k: _validate_option(owners[k][0], k, v) for k, v in given.items()}
+        else:
+            for key, value in given.items():
+                if key not in strategy.Options.model_fields:
+                    _refuse_option(key, value, owners[key], self.name)
+            own = {k: v for k, v in given.items() if k in strategy.Options.model_fields}
+            opts = _validated(strategy.Options, own)
+            options = {k: getattr(opts, k) for k in strategy.Options.model_fields}
+        self.__pydantic_extra__ = options
+        for guard in GUARDS:
+            if getattr(self, guard) and guard not in strategy.guards and self.name != "auto":
+                raise ValueError(f"strategy.{guard} does nothing with strategy '{self.name}': {strategy.no_guard_reason}")
+        strategy.check(self)
         return self
+
+
+def _option_owners() -> dict[str, list[Any]]:
+    """Option key -> the strategy classes that read it, in registration order."""
+    from tunesmith.registry import STRATEGIES
+
+    owners: dict[str, list[Any]] = {}
+    for name in STRATEGIES.in_order():
+        cls = STRATEGIES.get(name)
+        for key in cls.Options.model_fields:
+            owners.setdefault(key, []).append(cls)
+    return owners
+
+
+def _validated(options: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    try:
+        return options.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        got = err.get("input")
+        got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+        raise ValueError(f"strategy.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}{got_s}") from None
+
+
+def _validate_option(owner: Any, key: str, value: Any) -> Any:
+    return getattr(_validated(owner.Options, {key: value}), key)
+
+
+def _refuse_option(key: str, value: Any, owners: list[Any], name: str) -> None:
+    """A key another strategy reads: an error when it is set away from that strategy's default."""
+    default = owners[0].Options.model_fields[key].get_default(call_default_factory=True)
+    if _validate_option(owners[0], key, value) == default:
+        return
+    names = [o.name for o in owners]
+    if len(names) == 1:
+        raise ValueError(f"strategy.{key} applies to strategy '{names[0]}', not '{name}'")
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    raise ValueError(f"strategy.{key} combines with {listed}, not '{name}'")
 
 
 class OptimConfig(_Section):
@@ -138,11 +151,17 @@ class OptimConfig(_Section):
             raise ValueError(f"optim.lr must be > 0 or 'find' (got {v})")
         return v
 
+    def fixed_lr(self) -> float | None:
+        """The rate the config sets, or None when a strategy's default or the range test decides it."""
+        return self.lr if isinstance(self.lr, float) else None
+
     batch_size: int = Field(32, gt=0, description="Global batch size (all processes together, before accumulation).")
     epochs: int = Field(3, gt=0, description="Passes over the training data.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
     warmup: float = Field(0.06, ge=0, description="Linear warmup: a fraction of all steps if < 1, else a number of steps.")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"] = Field(
+        "linear", description="Learning-rate schedule after warmup, by its transformers name (get_scheduler); constant keeps the warmup."
+    )
     grad_accum: int = Field(1, gt=0, description="Accumulate gradients over this many batches per optimizer step.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (the schedule spans them), even mid-epoch.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null turns clipping off.")
@@ -255,21 +274,45 @@ class Config(_Section):
         TASKS.get(v)  # raises with the list of known tasks
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_strategy(cls, raw: Any) -> Any:
+        """The task's default strategy when none is named; `auto` settled where the task fixes it."""
+        from tunesmith.registry import STRATEGIES, TASKS
+
+        if not isinstance(raw, dict) or not isinstance(raw.get("task"), str) or raw["task"] not in TASKS:
+            return raw
+        strategy = raw.get("strategy") if raw.get("strategy") is not None else {}
+        if not isinstance(strategy, dict):
+            return raw
+        task = TASKS.get(raw["task"])
+        if isinstance(strategy, StrategyConfig):
+            strategy = strategy.model_dump()
+        strategy = STRATEGIES.get("auto").settle({"name": task.default_strategy, **strategy}, task)
+        return {**raw, "strategy": strategy}
+
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        from tunesmith.registry import TASKS
-        from tunesmith.tasks.text_classification import METRICS
+        """Task defaults, then what the task and strategy declare about each other; checked once, here."""
+        from tunesmith.registry import STRATEGIES, TASKS
 
         task = TASKS.get(self.task)
-        METRICS = getattr(task, "metrics_names", METRICS)
-        if "metric" not in self.train.model_fields_set and self.train.metric not in METRICS:
-            self.train.metric = METRICS[0]  # the task's own default (causal-lm: loss)
-        if hasattr(task, "check_config"):
-            task.check_config(self)  # combinations the task refuses, and its defaults
-        if self.train.metric not in METRICS:
+        metrics = list(task.metrics_better)
+        if "metric" not in self.train.model_fields_set and self.train.metric not in metrics:
+            self.train.metric = metrics[0]  # the task's own default (causal-lm: loss)
+        task.configure(self)
+        name = self.strategy.name
+        if name in task.refuses:
+            raise ValueError(task.refuses[name])
+        if STRATEGIES.get(name).needs_new_head and not task.new_head:
+            usable = [n for n in STRATEGIES.in_order() if n != "auto" and n not in task.refuses
+                      and not STRATEGIES.get(n).needs_new_head]
+            raise ValueError(f"strategy '{name}' does not apply to task {self.task}: it trains a new head, and this task's "
+                             f"model keeps its pre-trained output layer; use {', '.join(usable)}")
+        if self.train.metric not in metrics:
             raise ValueError(
-                f"train.metric: '{self.train.metric}' is not a validation metric{did_you_mean(self.train.metric, METRICS)}; "
-                f"choose one of {', '.join(METRICS)}"
+                f"train.metric: '{self.train.metric}' is not a validation metric{did_you_mean(self.train.metric, metrics)}; "
+                f"choose one of {', '.join(metrics)}"
             )
         return self
 
@@ -422,5 +465,9 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(config: Config, path: Path, lr: float | None = None) -> None:
+    """The resolved config as YAML; `lr`: the learning rate the run used, where the config left it to a default."""
+    raw = config.to_dict()
+    if lr is not None:
+        raw["optim"]["lr"] = lr
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

@@ -1,8 +1,23 @@
-"""The one training loop, top to bottom: data, model, strategy, baseline, train, evaluate, save.
+"""The one training loop, as a recipe read top to bottom (`Recipe.run`):
 
-Runs unchanged on one CPU, one GPU, or many processes under `accelerate launch` / `torchrun`
-(DDP). Batches are global (see `tunesmith.data.batching`): each process takes its slice, so the
-same config gives the same optimisation trajectory whatever the number of processes.
+    prepare_data    the task reads and checks every file (the pre-flight report) before any weights load
+    prepare_model   the pre-trained model with its new head; `auto` settled; tokenized once
+    for each stage of the strategy (one, unless the strategy trains in stages):
+        begin_stage     the strategy freezes and groups parameters; what the loop trains on (its view)
+        open_run_dir    (first stage) the run directory, its lock, config.yaml, the observers
+        baselines       (first stage) the starting model on the test set, and the task's own baselines
+        build_optimizer AdamW and the schedule from the strategy's groups; resume restores them
+        fit             epochs -> windows -> micro-batches; validation, checkpoints, early stopping
+        restore_best    the weights of the best validation step
+    final_evaluation    the test set again, and the task's extras (forgetting, samples)
+    save            model/ written aside then renamed; eval.json last marks the run finished
+
+The recipe never asks which task or strategy runs: it calls the `Task` and `BaseStrategy`
+contracts. What watches training (progress bar, metrics.jsonl, checkpoints, early stopping,
+later trackers and reports) subscribes to events (`tunesmith.observers`). Runs unchanged on one
+CPU, one GPU, or many processes under `accelerate launch` / `torchrun` (DDP): batches are global
+(see `tunesmith.data.batching`), each process takes its slice, so the same config gives the same
+optimisation whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +38,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from tunesmith import checkpoint, runlock
 from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
-from tunesmith import checkpoint, runlock
 from tunesmith.errors import Interrupted, UserError
-from tunesmith.metrics import linear_probe
-from tunesmith.models import resolve_model
+from tunesmith.models.layers import enable_gradient_checkpointing
+from tunesmith.observers import Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers
 from tunesmith.optim import build_optimizer, build_scheduler
 from tunesmith.precision import autocast_dtype, resolve_precision
 from tunesmith.registry import STRATEGIES, TASKS
-from tunesmith.report import (
-    make_console,
-    moved_table,
-    param_table,
-    peak_rss_mb,
-    peak_rss_reset,
-    per_class_table,
-    results_table,
-)
-from tunesmith.strategies.base import ModelParts, count_params
-from tunesmith.strategies.guards import Anchor
-
-PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
+from tunesmith.report import make_console, moved_table, param_table, peak_rss_mb, peak_rss_reset, results_table
+from tunesmith.strategies.base import ModelParts, Stage, count_params
+from tunesmith.strategies.guards import anchor_for
+from tunesmith.tasks.base import Runtime
 
 
 @dataclass
@@ -59,11 +65,46 @@ class RunResult:
         return self.eval["after"]
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if (out / "eval.json").exists() and not overwrite:
-        raise UserError(f"{out} holds a finished run; pass --overwrite (overwrite: true) or choose another output_dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} exists and is not a directory")
+@dataclass
+class RunState:
+    """What fitting changes, in one object: a checkpoint saves it and resume restores it."""
+
+    stage: int = 0
+    epoch: int = 1  # the epoch in progress (in a checkpoint: the one to continue)
+    window: int = 0  # the next accumulation window of that epoch
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    best_metric: float | None = None
+    best_step: int = 0
+    evals_without_gain: int = 0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    running_loss: float = 0.0
+    running_n: int = 0
+    replay: dict[str, Any] | None = None  # the replay sampler as it was when this epoch's batches were drawn
+    stop: bool = False  # set by an observer (early stopping) or the step budget
+    stopped_early: bool = False
+
+
+def preflight(cfg: Config, keep_going: bool = False) -> tuple[Any, Any, Any]:
+    """The first phase of every command: the task by name, its model resolved, every data file read
+    and checked (the report of `tunesmith validate`) before any weights load. With `keep_going`, a
+    model that cannot be resolved is one of the report's errors instead of stopping the check."""
+    task = TASKS.get(cfg.task)(cfg)
+    resolved, tokenizer, problem = None, None, None
+    try:
+        resolved = task.resolve()
+        tokenizer = task.load_tokenizer(resolved)
+    except UserError as e:
+        if not keep_going:
+            raise
+        problem = str(e)
+    report = task.validate(tokenizer)
+    if problem:
+        report.errors.append(problem)
+    return task, resolved, report
 
 
 def set_train_mode(model: nn.Module) -> None:
@@ -81,546 +122,596 @@ def set_train_mode(model: nn.Module) -> None:
     visit(model)
 
 
-def _metric_better(metric: str, new: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return new < best if metric in ("loss", "perplexity") else new > best
+class Recipe:
+    """One training run. State lives in attributes; each phase is a method, called in order by `run`."""
 
+    def __init__(self, cfg: Config, quiet: bool = False, observers: list[Observer] | None = None):
+        from accelerate import Accelerator
 
-def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None) -> RunResult | dict[str, Any]:
-    """Train as `cfg` says; with `lr_find_only` (a PNG path), run the range test and return its result."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+        self.cfg, self.quiet = cfg, quiet
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process
+        self.console = make_console(quiet or not self.main)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.out = Path(cfg.output_dir)
+        self.user_config = cfg.to_dict()  # as written (before `auto` and `lr: find` resolve): what resume compares
+        self.extra_observers = list(observers or [])
+        self.state = RunState()
+        self.resume_from: Path | None = None
+        self.saved: dict[str, Any] = {}
+        self.ev: dict[str, Any] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.opened = True
+        self.events = Observers([])
+        self.interrupted: dict[str, int] = {}
+        self.rng_to_restore: tuple[Any, Any] | None = None  # a resumed run's RNG state, set when fitting starts
+        self.pending_replay: dict[str, Any] | None = None  # a resumed run's replay sampler, for its first epoch
+        self.t0: float | None = None  # start of the timed segment of training in progress
+        self.opened = False
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    console = make_console(quiet or not main)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    out = Path(cfg.output_dir)
-    user_config = cfg.to_dict()  # as written (before `auto` and `lr: find` resolve): what resume compares
-    resume_from, resumed = None, None
-    if lr_find_only is None:
-        _check_output_dir(out, cfg.overwrite)
+    # -- the recipe ------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.check_output_dir()
+        self.prepare_data()
+        self.prepare_model()
+        resume_stage = self.state.stage
+        with self.signals():
+            for i, stage in enumerate(self.strategy.stages()):
+                self.begin_stage(stage)
+                if i < resume_stage:  # resuming a later stage: this one's structure (a LoRA wrap) is enough
+                    continue
+                if not self.opened:
+                    self.open_run_dir()
+                    self.baselines()
+                self.start_stage_state(i)
+                self.build_optimizer()
+                self.fit()
+                self.restore_best()
+        self.final_evaluation()
+        self.save()
+        return RunResult(self.out, self.cfg, self.ev, self.whole_model())
+
+    def find_lr(self, png: Path) -> dict[str, Any]:
+        """The learning-rate range test on the first stage, instead of training."""
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.train.seed)
+        self.prepare_data()
+        self.prepare_model()
+        self.begin_stage(self.strategy.stages()[0], lr_find_png=png)
+        return self.found
+
+    # -- prepare: data, then model -----------------------------------------------------------------
+    def check_output_dir(self) -> None:
+        from accelerate.utils import set_seed
+
+        out, cfg = self.out, self.cfg
+        if (out / "eval.json").exists() and not cfg.overwrite:
+            raise UserError(f"{out} holds a finished run; pass --overwrite (overwrite: true) or choose another output_dir")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output_dir {out} exists and is not a directory")
         if cfg.resume:
-            resume_from = checkpoint.latest(out) if out.is_dir() else None
-            if resume_from is None and cfg.resume is True:
+            self.resume_from = checkpoint.latest(out) if out.is_dir() else None
+            if self.resume_from is None and cfg.resume is True:
                 raise UserError(f"nothing to resume: {out / checkpoint.DIR} holds no complete checkpoint; run without --resume")
-            if resume_from is not None:
-                saved = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))
-                checkpoint.check_config_change(saved["config"], user_config, resume_from)
-    set_seed(cfg.train.seed)
+            if self.resume_from is not None:
+                self.saved = json.loads((self.resume_from / "state.json").read_text(encoding="utf-8"))
+                checkpoint.check_config_change(self.saved["config"], self.user_config, self.resume_from)
+                self.state.stage = self.saved.get("stage", 0)
+        set_seed(self.cfg.train.seed)
 
-    # 1. Task and strategy by name; every data file read and checked (the pre-flight report of
-    # `tunesmith validate`) before any model weights load.
-    task = TASKS.get(cfg.task)(cfg)
-    strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
-    resolved = task.resolve() if hasattr(task, "resolve") else resolve_model(cfg.model)
-    report = task.validate(task.load_tokenizer(resolved))
-    report.render(console, full=False)
-    if not report.ok:
-        raise UserError(report.error_line())
-    data = task.load_data()
-    for s in (data.train, data.validation, data.test):
-        skipped = f", {s.skipped} bad rows skipped" if s.skipped else ""
-        console.print(f"data: {s.name:<10} {len(s):>6} rows from {s.source}{skipped}")
-    if data.labels:
-        console.print(f"labels: {len(data.labels)} ({', '.join(data.labels[:10])}{' ...' if len(data.labels) > 10 else ''})"
-                      f"{', multi-label' if data.multi_label else ''}")
-    replay = task.load_replay(cfg.strategy.replay.file) if cfg.strategy.replay else None
-    if replay is not None:
-        console.print(f"replay: {len(replay)} rows from {replay.source}, {cfg.strategy.replay.fraction:.0%} of every batch")
+    def prepare_data(self) -> None:
+        """The task by name; every data file read and checked (`tunesmith validate`'s report) first."""
+        cfg, console = self.cfg, self.console
+        self.task, self.resolved, self.report = preflight(cfg)
+        self.report.render(console, full=False)
+        if not self.report.ok:
+            raise UserError(self.report.error_line())
+        self.data = self.task.load_data()
+        for s in (self.data.train, self.data.validation, self.data.test):
+            skipped = f", {s.skipped} bad rows skipped" if s.skipped else ""
+            console.print(f"data: {s.name:<10} {len(s):>6} rows from {s.source}{skipped}")
+        labels = self.data.labels
+        if labels:
+            console.print(f"labels: {len(labels)} ({', '.join(labels[:10])}{' ...' if len(labels) > 10 else ''})"
+                          f"{', multi-label' if self.data.multi_label else ''}")
+        self.replay = self.task.load_replay(cfg.strategy.replay.file) if cfg.strategy.replay else None
+        if self.replay is not None:
+            console.print(f"replay: {len(self.replay)} rows from {self.replay.source}, "
+                          f"{cfg.strategy.replay.fraction:.0%} of every batch")
 
-    # 2. Model: the pre-trained backbone with a new head sized to the labels.
-    model, head, discarded = task.load_model(resolved)
-    console.print(f"model: {cfg.model} ({resolved.source}, {resolved.path})")
-    if head:
-        console.print(
-            f"head: new {len(data.labels)}-way head ({', '.join(head)})"
-            + (f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else "")
-        )
+    def prepare_model(self) -> None:
+        """The pre-trained backbone with a new head sized to the labels; `auto` settled; tokenized once."""
+        cfg, console = self.cfg, self.console
+        model, head, discarded = self.task.load_model(self.resolved)
+        console.print(f"model: {cfg.model} ({self.resolved.source}, {self.resolved.path})")
+        if head:
+            console.print(f"head: new {len(self.data.labels)}-way head ({', '.join(head)})" + (
+                f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else ""))
+        self.parts = ModelParts(model, head)
+        chosen = STRATEGIES.get(cfg.strategy.name).choose(cfg.strategy, self.parts, len(self.data.train), self.device)
+        if chosen is not cfg.strategy:  # `auto`: decided now that the model and the data are known
+            console.print(f"strategy: {cfg.strategy.name} -> {chosen.name}: {chosen.reason}")
+            cfg.strategy = chosen
+        self.strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
+        self.enc = {s.name: self.task.encode(s) for s in (self.data.train, self.data.validation, self.data.test)}
+        for line in self.task.describe(self.enc):
+            console.print(line)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        amp = autocast_dtype(self.precision)
+        console.print(f"device: {self.device.type}, {self.world} process(es), precision {self.precision}")
+        from accelerate.utils import gather_object
 
-    # 3. Strategy: freeze (or wrap), then parameter groups with lr scales. `auto` picks one first.
-    parts = ModelParts(model, head)
-    if cfg.strategy.name == "auto":
-        from tunesmith.strategies.auto import choose
+        self.rt = Runtime(self.device, amp, cfg.eval.batch_size, self.rank, self.world,
+                          gather_object if self.world > 1 else (lambda x: x), self.console,
+                          self.out if self.main else None, cfg.train.seed)
 
-        cfg.strategy = choose(cfg.strategy, parts, n_train=len(data.train), device=device)
-        console.print(f"strategy: auto -> {cfg.strategy.name}: {cfg.strategy.reason}")
-        strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
-    groups = strategy.apply(parts)
-    model = parts.model  # LoRA wraps the model
-    may_train = {id(p) for g in groups for _, p in g.params}
-    lr_fixed = cfg.optim.lr if isinstance(cfg.optim.lr, float) else strategy.default_lr
-    trainable, frozen = count_params(model)
-    console.print(f"strategy: {strategy.name}; parameters: {trainable:,} trainable, {frozen:,} frozen")
-    console.print(param_table(groups, lr_fixed))
-    if trainable == 0:
-        raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
-    if cfg.train.gradient_checkpointing:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not getattr(inner, "supports_gradient_checkpointing", False):
-            raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        console.print("gradient checkpointing: on (activations recomputed in the backward pass)")
+    # -- a stage: the strategy applied, what the loop trains on --------------------------------------
+    def begin_stage(self, stage: Stage, lr_find_png: Path | None = None) -> None:
+        cfg, strategy = self.cfg, stage.strategy
+        self.stage = stage
+        self.groups = strategy.apply(self.parts)
+        model = self.parts.model  # LoRA wraps the model
+        self.may_train = {id(p) for g in self.groups for _, p in g.params}
+        self.lr = stage.lr or cfg.optim.fixed_lr() or strategy.default_lr
+        trainable, frozen = self.stage_counts = count_params(model)
+        self.console.print(f"strategy: {strategy.name}; parameters: {trainable:,} trainable, {frozen:,} frozen")
+        self.console.print(param_table(self.groups, self.lr))
+        if trainable == 0:
+            raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+            self.console.print("gradient checkpointing: on (activations recomputed in the backward pass)")
+        model.to(self.device)
+        self.anchor = None  # the starting values of the pre-trained weights that may train: L2-SP, the moved report
+        if strategy.trains_backbone:
+            self.anchor = anchor_for(self.parts, self.may_train, bool(cfg.strategy.l2sp), self.resolved.path)
+        self.view = strategy.training_view(self.task, model, self.enc, self.rt)
+        self.train_enc = self.view.enc["train"]
+        if self.replay is not None:  # replay rows sit after the training rows
+            self.train_enc = self.train_enc.concat(self.task.encode(self.replay))
+        self.train_lengths = self.train_enc.lengths  # computed once: token counts per step come from here
+        self.choose_lr(lr_find_png)
 
-    # 4. Tokenize once; every epoch reuses the ids.
-    enc = {s.name: task.encode(s) for s in (data.train, data.validation, data.test)}
-    for name, e in enc.items():
-        if e.truncated:
-            console.print(f"truncated: {e.truncated} of {getattr(e, 'examples', len(e))} {name} rows exceed "
-                          f"train.max_length={cfg.train.max_length}")
-    for line in task.describe(enc) if hasattr(task, "describe") else []:
-        console.print(line)
-    unit = getattr(task, "unit", "samples")
+    def choose_lr(self, lr_find_png: Path | None) -> None:
+        """The stage's rate: fixed, the one a resumed run started with, or from the range test."""
+        self.found = None
+        if self.resume_from is not None:
+            self.lr, self.found = self.saved["lr"], self.saved.get("lr_find")
+        elif self.cfg.optim.lr == "find" or lr_find_png is not None:
+            from tunesmith.lr_find import lr_find
 
-    precision = resolve_precision(cfg.train.precision, device)
-    amp = autocast_dtype(precision)
-    console.print(f"device: {device.type}, {world} process(es), precision {precision}")
-    model.to(device)
-    # Starting values of the pre-trained weights that may train: for L2-SP and the moved report.
-    anchor = None
-    if strategy.trains_backbone:
-        head_ids = {id(p) for _, p in parts.params(parts.head)}
-        anchored = [(n, p) for n, p in model.named_parameters() if id(p) in may_train and id(p) not in head_ids]
-        if anchored:
-            anchor = Anchor(anchored, parts.group_of(), on_device=bool(cfg.strategy.l2sp), checkpoint_dir=resolved.path,
-                            prefix=getattr(model, "base_model_prefix", ""))
+            png = lr_find_png if lr_find_png is not None else (self.out / "lr_find.png" if self.main else None)
+            found = lr_find(self.view.task, self.view.model, self.groups, self.train_enc, self.cfg, self.device,
+                            self.rt.amp, png, self.console, fallback=self.stage.strategy.default_lr)
+            self.console.print(f"lr-find: suggested lr {found['suggested_lr']:.2e} (loss lowest at {found['min_loss_lr']:.2e}, "
+                               f"steepest descent at {found['steepest_lr']:.2e}); plot: {png}")
+            self.found = {k: v for k, v in found.items() if k not in ("lrs", "losses", "smoothed")}
+            self.lr = found["suggested_lr"]
+        if self.found is not None:
+            self.ev["lr_find"] = self.found
 
-    # feature-extraction: the frozen backbone runs once (or its cached output is read back) and
-    # from here on the loop trains the head alone on those features.
-    train_model = model
-    feature_info: dict[str, Any] | None = None
-    if hasattr(strategy, "extract"):
-        train_model, enc, feature_info = strategy.extract(task, model, enc, device, amp, cfg.eval.batch_size, console)
-    train_enc = enc["train"]
-    if replay is not None:
-        train_enc = enc["train"].concat(task.encode(replay))
-    train_lengths = train_enc.lengths
+    def open_run_dir(self) -> None:
+        """The run directory: lock, room on disk, config.yaml as resolved, metrics.jsonl, the observers."""
+        out, cfg, main = self.out, self.cfg, self.main
+        out.mkdir(parents=True, exist_ok=True)
+        self.lock = runlock.acquire(out) if main else None
+        if main:  # model/ (LoRA: and its adapter) plus tokenizer files; checkpoints: weights, 2 AdamW moments, best copy
+            weights = sum(t.numel() * t.element_size() for t in self.parts.model.state_dict().values())
+            per_ckpt = 4 * sum(p.numel() * p.element_size() for g in self.groups for _, p in g.params)
+            ckpts = (cfg.train.keep_checkpoints + 2) * per_ckpt if (cfg.train.checkpoint_every or cfg.train.checkpoint_epochs) else 0
+            runlock.check_disk(out, int(weights * 1.2) + ckpts + 50 * 2**20, "the model and checkpoints this run writes")
+        if cfg.overwrite and main and self.resume_from is None:
+            for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR):
+                p = out / stale
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if main:  # with the rate actually used (a strategy's default, a found one), not null
+            save_config(cfg, out / "config.yaml", lr=float(self.lr))
+        self.metrics_log = MetricsLog(out / "metrics.jsonl" if main else None,
+                                      self.saved["step"] if self.resume_from is not None else None)
+        self.opened = True
+        self.events = Observers([
+            ConsoleProgress(self.console, self.task.unit, show=not (self.quiet or not main)),
+            self.metrics_log,
+            Checkpointer(cfg.train.checkpoint_every, cfg.train.checkpoint_epochs),
+            EarlyStopping(cfg.train.early_stopping),
+            *self.extra_observers,
+        ])
 
-    # Learning rate: fixed, or from the range test (weights and RNG restored after it).
-    lr, found = lr_fixed, None
-    if resume_from is not None:  # the rate the run started with, found or fixed
-        lr, found = saved["lr"], saved.get("lr_find")
-    elif cfg.optim.lr == "find" or lr_find_only is not None:
-        from tunesmith.lr_find import lr_find
+    def baselines(self) -> None:
+        """The starting model on the held-out test set, plus what the task compares against (linear probe)."""
+        if self.cfg.eval.before:
+            self.ev.update(self.view.task.baseline(self.view.model, self.view.enc, self.rt))
 
-        png = lr_find_only if lr_find_only is not None else (out / "lr_find.png" if main else None)
-        found = lr_find(task, train_model, groups, train_enc, cfg, device, amp, png, console, fallback=strategy.default_lr)
-        console.print(f"lr-find: suggested lr {found['suggested_lr']:.2e} (loss lowest at {found['min_loss_lr']:.2e}, "
-                      f"steepest descent at {found['steepest_lr']:.2e}); plot: {png}")
-        if lr_find_only is not None:
-            return found
-        lr = found["suggested_lr"]
+    def start_stage_state(self, i: int) -> None:
+        """Counters that belong to one stage start afresh (the step count runs on across stages)."""
+        s = self.state
+        s.stage, s.epoch, s.window, s.replay = i, 1, 0, None
+        s.best_metric, s.best_step, s.evals_without_gain, s.stop, s.stopped_early = None, 0, 0, False, False
+        self.best_state = None
 
-    out.mkdir(parents=True, exist_ok=True)
-    lock = runlock.acquire(out) if main else None
-    if main:  # model/ (LoRA: and its adapter) plus tokenizer files; checkpoints: weights, 2 AdamW moments, best copy
-        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        per_ckpt = 4 * sum(p.numel() * p.element_size() for g in groups for _, p in g.params)
-        ckpts = (cfg.train.keep_checkpoints + 2) * per_ckpt if (cfg.train.checkpoint_every or cfg.train.checkpoint_epochs) else 0
-        runlock.check_disk(out, int(weights * 1.2) + ckpts + 50 * 2**20, "the model and checkpoints this run writes")
-    if cfg.overwrite and main and resume_from is None:
-        for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR):
-            p = out / stale
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    if main:
-        save_config(cfg, out / "config.yaml")
-    if resume_from is not None and main and (out / "metrics.jsonl").exists():
-        # keep what the checkpointed part of the run logged; what came after it will be redone
-        kept = [l for l in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-                if l.strip() and json.loads(l).get("step", 0) <= saved["step"]]
-        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-    log = open(out / "metrics.jsonl", "a" if resume_from is not None else "w", encoding="utf-8") if main else None
+    def build_optimizer(self) -> None:
+        """AdamW and the schedule from the strategy's groups; a resumed run gets its saved state back."""
+        cfg = self.cfg
+        epochs = self.stage.epochs or cfg.optim.epochs
+        batches_per_epoch = math.ceil(len(self.view.enc["train"]) / cfg.optim.batch_size)
+        self.total_steps = math.ceil(batches_per_epoch / cfg.optim.grad_accum) * epochs
+        if cfg.optim.max_steps:
+            self.total_steps = min(self.total_steps, cfg.optim.max_steps)
+        self.epochs = epochs
+        self.optimizer = build_optimizer(self.groups, cfg.optim, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.ev.setdefault("optimizer", []).append({
+            "stage": self.state.stage, "strategy": self.stage.strategy.name, "lr": self.lr, "steps": self.total_steps,
+            "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in self.optimizer.param_groups]})
+        self.train_model, self.optimizer = self.accelerator.prepare(self.view.model, self.optimizer)
+        # every weight that may ever train (gradual unfreezing adds some later): checkpoints and the best copy
+        self.trainable_params = [(n, p) for n, p in self.accelerator.unwrap_model(self.train_model).named_parameters()
+                                 if id(p) in self.may_train]
+        self.replay_rng = np.random.default_rng(cfg.train.seed + 1)
+        self.replay_order: list[int] = []
+        self.replay_seen = 0
+        self.running_loss = torch.zeros((), device=self.device)
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_n = 0
+        self.stage.first_step = self.state.step
+        self.restore_checkpoint()
+        self.last_step = self.stage.first_step + self.total_steps  # the step count runs on across stages
 
-    def write(record: dict[str, Any]) -> None:
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-    def evaluate(split: str, features: bool = False) -> tuple[dict[str, Any], np.ndarray | None]:
-        e = enc[split]
-        logits, feats = task.predict_logits(
-            accelerator.unwrap_model(train_model), e, cfg.eval.batch_size, device,
-            autocast=amp, rank=rank, world=world, want_features=features,
-        )
-        if world > 1:  # each process filled its own rows; sum the disjoint parts
-            logits = np.sum(gather_object([logits]), axis=0)
-            feats = np.sum(gather_object([feats]), axis=0) if features else None
-        return task.metrics(logits, e.labels), feats
-
-    # 5. Baselines on the held-out test set: the starting model and a linear probe.
-    ev: dict[str, Any] = {}
-    if cfg.eval.before:
-        probe = cfg.eval.linear_probe and getattr(task, "linear_probe", True)
-        ev["before"], test_feats = evaluate("test", features=probe)
-        if hasattr(task, "extra_eval") and main:
-            ev["before"].update(task.extra_eval(accelerator.unwrap_model(train_model), "before", device, amp, out, console))
-        if probe:
-            sub = list(range(len(enc["train"])))
-            if len(sub) > PROBE_MAX_ROWS:
-                sub = sorted(np.random.default_rng(cfg.train.seed).choice(len(sub), PROBE_MAX_ROWS, replace=False).tolist())
-            train_sub = enc["train"].subset(sub)
-            _, train_feats = task.predict_logits(
-                accelerator.unwrap_model(train_model), train_sub, cfg.eval.batch_size, device, autocast=amp, want_features=True
-            )
-            ev["linear_probe"] = linear_probe(
-                train_feats, train_sub.labels.numpy(), test_feats, enc["test"].labels.numpy(),
-                data.labels, data.multi_label, cfg.train.seed,
-            )
-            ev["linear_probe"]["train_rows"] = len(sub)
-
-    # 6. Optimizer and schedule from the strategy's groups.
-    if found is not None:
-        found = ev["lr_find"] = {k: v for k, v in found.items() if k not in ("lrs", "losses", "smoothed")}
-    batches_per_epoch = math.ceil(len(enc["train"]) / cfg.optim.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum)
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps)
-    optimizer = build_optimizer(groups, cfg.optim, lr)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    train_model, optimizer = accelerator.prepare(train_model, optimizer)
-    # every weight that may ever train (gradual unfreezing adds some later): the best-weights copy
-    trainable_params = [(n, p) for n, p in accelerator.unwrap_model(train_model).named_parameters() if id(p) in may_train]
-    replay_rng = np.random.default_rng(cfg.train.seed + 1)
-    replay_order: list[int] = []
-    replay_seen = 0
-
-    # 7. Train.
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} " + unit + "/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    )
-    bar = progress.add_task("train", total=total_steps, epoch=1, loss="-", speed="-")
-    best_metric: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    best_step, evals_without_gain, stopped_early = 0, 0, False
-    step, samples, tokens, train_time = 0, 0, 0, 0.0
-    running_loss = torch.zeros((), device=device)
-    window_loss = torch.zeros((), device=device)
-    running_n = window_n = 0
-    skipped_steps = bad_in_row = 0
-    start_epoch, start_window = 1, 0
-    epoch_replay: dict[str, Any] | None = None  # the replay sampler as it was when an epoch's batches were drawn
-    if resume_from is not None:
-        resumed = checkpoint.load(resume_from, rank)
+    def restore_checkpoint(self) -> None:
+        if self.resume_from is None or self.saved.get("stage", 0) != self.state.stage:
+            return
+        resumed = checkpoint.load(self.resume_from, self.rank)
         st = resumed["state"]
-        if resumed["rng_world"] != world:
-            console.print(f"note: the checkpoint was written by {resumed['rng_world']} process(es), this run has {world}: "
-                          "random streams (dropout) do not continue exactly")
+        if resumed["rng_world"] != self.world:
+            self.console.print(f"note: the checkpoint was written by {resumed['rng_world']} process(es), this run has "
+                               f"{self.world}: random streams (dropout) do not continue exactly")
         with torch.no_grad():
-            named = dict(trainable_params)
+            named = dict(self.trainable_params)
             for n, t in resumed["weights"].items():
                 named[n].copy_(t.to(named[n].device))
-        best_state = resumed["best"]
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        step, samples, tokens, train_time = st["step"], st["samples"], st["tokens"], st["train_time"]
-        best_metric, best_step, evals_without_gain = st["best_metric"], st["best_step"], st["evals_without_gain"]
-        skipped_steps, bad_in_row = st["skipped_steps"], st["bad_in_row"]
-        running_loss.fill_(st["running_loss"])
-        running_n = st["running_n"]
-        start_epoch, start_window, epoch_replay = st["epoch"], st["window"], st["replay"]
-        progress.update(bar, completed=step)
-        console.print(f"resumed from {resume_from} (step {step}, epoch {start_epoch})")
+        self.best_state = resumed["best"]
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.state = RunState(**{k: st[k] for k in asdict(RunState()) if k in st})
+        self.running_loss.fill_(st["running_loss"])
+        self.stage.first_step = st.get("stage_first_step", 0)
+        self.rng_to_restore = (resumed["rng_tensors"], st["rng"])
+        self.pending_replay = st["replay"]
+        self.console.print(f"resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch})")
 
-    def save_checkpoint(next_epoch: int, next_window: int, t0: float) -> Path | None:
-        # every process calls this at the same step: each one's RNG state goes into the checkpoint
+    # -- fit: epochs, windows, micro-batches ------------------------------------------------------
+    def fit(self) -> None:
+        s = self.state
+        set_train_mode(self.train_model)
+        peak_rss_reset()
+        self.events.fit_start(self, self.stage)
+        if self.rng_to_restore is not None:
+            checkpoint.set_rng_state(*self.rng_to_restore)
+            self.rng_to_restore = None
+        start_epoch, start_window = s.epoch, s.window
+        for epoch in range(start_epoch, self.epochs + 1):
+            s.epoch = self.last_epoch = epoch
+            self.train_epoch(epoch, start_window if epoch == start_epoch else 0)
+            if s.stop:
+                break
+            if self.cfg.eval.every_epoch and not self.cfg.train.eval_every:
+                self.validate()
+                if s.stop:
+                    s.stopped_early = True
+                    break
+            s.epoch, s.window = epoch + 1, 0
+            self.events.epoch_end(self)
+            if s.step >= self.last_step:
+                break
+        self.events.fit_end(self)
+        self.train_peak = peak_rss_mb()
+
+    def train_epoch(self, epoch: int, first_window: int) -> None:
+        s, cfg = self.state, self.cfg
+        batches = self.epoch_batches(epoch)
+        self.t0 = time.perf_counter()
+        for w in range(first_window, len(batches), cfg.optim.grad_accum):
+            changed = self.stage.strategy.update(s.step, epoch)  # gradual unfreezing: more blocks join
+            if changed:
+                if self.world > 1:  # DDP registers the trainable set when it wraps: wrap again
+                    self.train_model = self.accelerator.prepare_model(self.accelerator.unwrap_model(self.train_model))
+                set_train_mode(self.train_model)
+                self.events.message(self, changed)
+            window = batches[w : w + cfg.optim.grad_accum]
+            self.train_window(window)
+            s.window = w + cfg.optim.grad_accum
+            if self.finish_step(window, epoch):  # validation is due (train.eval_every): not timed as training
+                self.end_segment()
+                self.validate()
+                self.t0 = time.perf_counter()
+                if s.stop:
+                    s.stopped_early = True
+                    break
+            self.events.step_end(self)
+            self.check_interrupt()
+            if s.step >= self.last_step:  # optim.max_steps reached mid-epoch
+                break
+        self.end_segment()
+
+    def end_segment(self) -> None:
+        """Add the timed segment in progress to the training time."""
+        if self.t0 is not None:
+            self.state.train_time += time.perf_counter() - self.t0
+            self.t0 = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This epoch's global batches (seeded by epoch), with replay rows added to each."""
+        cfg, s = self.cfg, self.state
+        if self.pending_replay is not None:  # resumed: the replay sampler as it was when these batches were drawn
+            self.replay_rng.bit_generator.state = self.pending_replay["rng"]
+            self.replay_order, self.replay_seen = list(self.pending_replay["order"]), self.pending_replay["seen"]
+            self.pending_replay = None
+        s.replay = {"rng": self.replay_rng.bit_generator.state, "order": list(self.replay_order), "seen": self.replay_seen}
+        n_train = len(self.view.enc["train"])
+        batches = make_batches(self.view.enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
+                               group_by_length=cfg.train.group_by_length)
+        if self.world > 1:  # every process must step together: drop a final batch too small to split
+            batches = [b for b in batches if len(b) >= self.world]
+        if self.replay is None:
+            return batches
+        share, out = cfg.strategy.replay.fraction, []
+        for b in batches:
+            k = max(1, round(len(b) * share / (1 - share)))
+            while len(self.replay_order) < k:
+                self.replay_order.extend((n_train + self.replay_rng.permutation(len(self.train_enc) - n_train)).tolist())
+            out.append(b + self.replay_order[:k])
+            self.replay_seen += k
+            del self.replay_order[:k]
+        return out
+
+    def train_window(self, window: list[list[int]]) -> None:
+        """Forward and backward over one accumulation window; gradients all-reduced once, at its end."""
+        task, enc, cfg = self.view.task, self.train_enc, self.cfg
+        # each micro-batch's loss is a mean over its units (rows; trained tokens for causal-lm): weighted
+        # by its share of the window's units, the step is the exact mean over the window
+        window_units = sum(task.weight(enc, b) for b in window) or 1.0
+        amp = self.rt.amp
+        for j, global_batch in enumerate(window):
+            idx = shard(global_batch, self.rank, self.world)
+            micro = cfg.train.micro_batch_size or len(idx) or 1
+            chunks = [idx[c : c + micro] for c in range(0, len(idx), micro)] or [idx]
+            for c, chunk in enumerate(chunks):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in task.collate(enc, chunk).items()}
+                sync = j == len(window) - 1 and c == len(chunks) - 1
+                with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.train_model):
+                    with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                        loss = task.step(self.train_model, batch)["loss"]
+                    self.accelerator.backward(loss * (task.weight(enc, chunk) * self.world / window_units))
+                self.window_loss += loss.detach() * len(chunk)  # counted once the step is known to be finite
+                self.window_n += len(chunk)
+            self.state.tokens += sum(self.train_lengths[i] for i in global_batch)  # host-side: no device sync
+
+    def finish_step(self, window: list[list[int]], epoch: int) -> bool:
+        """Clip, check, step; log. Returns True when validation is due now (train.eval_every)."""
+        s, cfg = self.state, self.cfg
+        if cfg.strategy.l2sp and self.anchor is not None:  # after the all-reduce: the same on every process
+            self.anchor.add_l2sp_grad_(cfg.strategy.l2sp)
+        if cfg.optim.max_grad_norm:
+            norm = self.accelerator.clip_grad_norm_(self.train_model.parameters(), cfg.optim.max_grad_norm)
+        else:
+            grads = [p.grad for p in self.train_model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        # A host-device sync per step, on purpose: a NaN/inf gradient must never reach the weights.
+        # Gradients are all-reduced, so every process decides the same way.
+        if not bool(torch.isfinite(norm)):
+            self.skip_step(epoch)
+            return False
+        s.bad_in_row = 0
+        self.running_loss += self.window_loss
+        s.running_n += self.window_n
+        self.window_loss.zero_()
+        self.window_n = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.samples += sum(len(b) for b in window)
+        if s.step % cfg.train.log_every == 0 or s.step == self.last_step:
+            self.log_train(epoch)
+        return bool(cfg.eval.every_epoch and cfg.train.eval_every and s.step % cfg.train.eval_every == 0)
+
+    def skip_step(self, epoch: int) -> None:
+        s = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the batch is consumed: the schedule stays aligned with the data
+        s.step += 1
+        s.skipped_steps += 1
+        s.bad_in_row += 1
+        self.window_loss.zero_()
+        self.window_n = 0
+        self.events.log(self, {"type": "skip", "step": s.step, "epoch": epoch, "reason": "non-finite gradient"})
+        self.events.message(self, f"step {s.step}: gradient is NaN/inf, step skipped ({s.bad_in_row} in a row)")
+        if s.bad_in_row >= self.cfg.train.max_bad_steps:
+            self.metrics_log.close()
+            raise UserError(
+                f"the gradient was NaN/inf for {s.bad_in_row} steps in a row (last at step {s.step}, "
+                f"lr {self.scheduler.get_last_lr()[-1]:.1e}); nothing was saved. Lower optim.lr (see "
+                "`tunesmith lr-find`) or use train.precision=fp32"
+            )
+
+    def log_train(self, epoch: int) -> None:
+        s = self.state
+        elapsed = s.train_time + time.perf_counter() - self.t0
+        mean_loss = self.running_loss.item() / max(s.running_n, 1)  # host-device sync, once per log step
+        self.running_loss.zero_()
+        s.running_n = 0
+        record = {"type": "train", "step": s.step, "epoch": epoch, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[-1],
+                  "samples_per_s": s.samples / elapsed, "tokens_per_s": s.tokens / elapsed}
+        if self.cfg.strategy.l2sp and self.anchor is not None:
+            record["l2sp_distance"] = self.anchor.distance()
+        self.events.log(self, record)
+
+    def validate(self) -> None:
+        """Evaluate on validation; keep a copy of the best weights."""
+        s, metric = self.state, self.cfg.train.metric
+        m, _ = self.view.task.evaluate(self.accelerator.unwrap_model(self.train_model), self.view.enc["validation"], self.rt)
+        self.events.log(self, {"type": "eval", "split": "validation", "step": s.step, "epoch": s.epoch,
+                               **{k: v for k, v in m.items() if k not in ("per_class", "confusion_matrix")}})
+        improved = self.task.better(metric, m[metric], s.best_metric)
+        if improved:
+            s.best_metric, s.best_step, s.evals_without_gain = m[metric], s.step, 0
+            # a CPU copy of the trainable weights only: frozen ones cannot change
+            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_params}
+        else:
+            s.evals_without_gain += 1
+        self.events.validation_end(self, m, improved)
+        set_train_mode(self.train_model)
+
+    # -- checkpoints and interruption ---------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """A collective: every process adds its RNG state; the main process writes."""
         rng = [checkpoint.rng_state()]
-        if world > 1:
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
             rng = gather_object(rng)
-        if not main:
+        if not self.main:
             return None
-        # mid-epoch: the sampler as it was when this epoch's batches were drawn (they are redrawn on
-        # resume); at an epoch's end: as it is now, ready for the next epoch
-        replay_state = epoch_replay if next_window else {
-            "rng": replay_rng.bit_generator.state, "order": list(replay_order), "seen": replay_seen}
-        state = {
-            "step": step, "epoch": next_epoch, "window": next_window, "samples": samples, "tokens": tokens,
-            "train_time": train_time + time.perf_counter() - t0, "best_metric": best_metric, "best_step": best_step,
-            "evals_without_gain": evals_without_gain, "skipped_steps": skipped_steps, "bad_in_row": bad_in_row,
-            "running_loss": running_loss.item(), "running_n": running_n, "replay": replay_state,
-            "scheduler": scheduler.state_dict(), "config": user_config, "lr": lr, "lr_find": found,
-        }
-        return checkpoint.save(out, step, dict(trainable_params), best_state, optimizer, state,
-                               cfg.train.keep_checkpoints, best_step, rng=rng)
+        s = self.state
+        # mid-epoch: the replay sampler as it was when this epoch's batches were drawn (they are redrawn
+        # on resume); at an epoch's end: as it is now, ready for the next epoch
+        replay = s.replay if s.window else {"rng": self.replay_rng.bit_generator.state,
+                                            "order": list(self.replay_order), "seen": self.replay_seen}
+        in_segment = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+        state = {**asdict(s), "train_time": s.train_time + in_segment, "replay": replay, "running_loss": self.running_loss.item(),
+                 "scheduler": self.scheduler.state_dict(), "config": self.user_config, "lr": self.lr,
+                 "lr_find": self.found, "stage_first_step": self.stage.first_step}
+        path = checkpoint.save(self.out, s.step, dict(self.trainable_params), self.best_state, self.optimizer, state,
+                               self.cfg.train.keep_checkpoints, s.best_step, rng=rng)
+        self.events.checkpoint(self, path)
+        return path
 
-    # Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume. A second Ctrl-C quits at once.
-    interrupted: dict[str, int] = {}
-    handlers: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        def _on_signal(signum: int, _frame: Any) -> None:
-            if interrupted:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            interrupted["sig"] = signum
+    @contextlib.contextmanager
+    def signals(self) -> Any:
+        """Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume. A second Ctrl-C quits at once."""
+        handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum: int, _frame: Any) -> None:
+                if self.interrupted:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    raise KeyboardInterrupt
+                self.interrupted["sig"] = signum
 
-        handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
 
-    def stop_if_interrupted(next_epoch: int, next_window: int, t0: float) -> None:
-        if world > 1:  # a signal may reach the processes at different steps: all stop at the same one
-            flag = torch.tensor([interrupted.get("sig", 0)], device=device)
+    def check_interrupt(self) -> None:
+        if self.world > 1:  # a signal may reach the processes at different steps: all stop at the same one
+            flag = torch.tensor([self.interrupted.get("sig", 0)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if flag.item():
-                interrupted.setdefault("sig", int(flag.item()))
-        if not interrupted:
+                self.interrupted.setdefault("sig", int(flag.item()))
+        if not self.interrupted:
             return
-        path = save_checkpoint(next_epoch, next_window, t0)
-        if log:
-            log.close()
-        name = signal.Signals(interrupted["sig"]).name
+        s = self.state
+        path = self.save_checkpoint()
+        self.metrics_log.close()
+        name = signal.Signals(self.interrupted["sig"]).name
         raise Interrupted(
-            f"interrupted by {name} after step {step}; checkpoint {path}; resume with: tunesmith train CONFIG --resume",
-            128 + interrupted["sig"],
+            f"interrupted by {name} after step {s.step}; checkpoint {path}; resume with: tunesmith train CONFIG --resume",
+            128 + self.interrupted["sig"],
         )
 
-    set_train_mode(train_model)
-    peak_rss_reset()
-    if resumed is not None:
-        checkpoint.set_rng_state(resumed["rng_tensors"], resumed["state"]["rng"])
-
-    def validate(epoch: int) -> bool:
-        """Evaluate on validation, keep the best weights; True when early stopping says stop."""
-        nonlocal best_metric, best_state, best_step, evals_without_gain
-        m, _ = evaluate("validation")
-        write({"type": "eval", "split": "validation", "step": step, "epoch": epoch,
-               **{k: v for k, v in m.items() if k not in ("per_class", "confusion_matrix")}})
-        value = m[cfg.train.metric]
-        if _metric_better(cfg.train.metric, value, best_metric):
-            best_metric, best_step, evals_without_gain = value, step, 0
-            # a CPU copy of the trainable weights only: frozen ones cannot change
-            best_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable_params}
-        else:
-            evals_without_gain += 1
-        progress.console.print(f"step {step}: validation {cfg.train.metric} {value:.4f} (best {best_metric:.4f} at step {best_step})")
-        set_train_mode(train_model)
-        return bool(cfg.train.early_stopping) and evals_without_gain >= cfg.train.early_stopping
-
-    try:
-        with progress if not (quiet or not main) else contextlib.nullcontext():
-            for epoch in range(start_epoch, cfg.optim.epochs + 1):
-                progress.update(bar, epoch=epoch)
-                if epoch == start_epoch and epoch_replay is not None:  # resuming inside this epoch
-                    replay_rng.bit_generator.state = epoch_replay["rng"]
-                    replay_order, replay_seen = list(epoch_replay["order"]), epoch_replay["seen"]
-                epoch_replay = {"rng": replay_rng.bit_generator.state, "order": list(replay_order), "seen": replay_seen}
-                batches = make_batches(enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                       group_by_length=cfg.train.group_by_length)
-                if world > 1:  # every process must step together: drop a final batch too small to split
-                    batches = [b for b in batches if len(b) >= world]
-                t0 = time.perf_counter()
-                if replay is not None:  # replay rows sit after the training rows in train_enc
-                    n_train = len(enc["train"])
-                    share = cfg.strategy.replay.fraction
-                    with_replay = []
-                    for b in batches:
-                        k = max(1, round(len(b) * share / (1 - share)))
-                        while len(replay_order) < k:
-                            replay_order.extend((n_train + replay_rng.permutation(len(train_enc) - n_train)).tolist())
-                        with_replay.append(b + replay_order[:k])
-                        replay_seen += k
-                        del replay_order[:k]
-                    batches = with_replay
-                t0 = time.perf_counter()
-                first = start_window if epoch == start_epoch else 0
-                for w in range(first, len(batches), cfg.optim.grad_accum):
-                    changed = strategy.update(step, epoch)  # gradual unfreezing: more blocks join
-                    if changed:
-                        if world > 1:  # DDP registers the trainable set when it wraps: wrap again
-                            train_model = accelerator.prepare_model(accelerator.unwrap_model(train_model))
-                        set_train_mode(train_model)
-                        progress.console.print(changed)
-                    window = batches[w : w + cfg.optim.grad_accum]
-                    window_size = sum(len(b) for b in window)
-                    # each micro-batch's loss is a mean over its units (examples; trained tokens for causal-lm):
-                    # weighted by its share of the window's units, the step is the exact mean over the window
-                    weigh = getattr(task, "weight", lambda e, ids: float(len(ids)))
-                    window_units = sum(weigh(train_enc, b) for b in window) or 1.0
-                    for j, global_batch in enumerate(window):
-                        idx = shard(global_batch, rank, world)
-                        micro = cfg.train.micro_batch_size or len(idx) or 1
-                        chunks = [idx[c : c + micro] for c in range(0, len(idx), micro)] or [idx]
-                        for c, chunk in enumerate(chunks):
-                            batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_enc, chunk).items()}
-                            # Gradients are all-reduced only on the last micro-batch of the window.
-                            sync = j == len(window) - 1 and c == len(chunks) - 1
-                            with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
-                                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                                    loss = task.step(train_model, batch)["loss"]
-                                # weight by this chunk's share of the window: exact mean over all its examples
-                                accelerator.backward(loss * (weigh(train_enc, chunk) * world / window_units))
-                            window_loss += loss.detach() * len(chunk)  # counted once the step is known to be finite
-                            window_n += len(chunk)
-                        tokens += sum(train_lengths[i] for i in global_batch)  # host-side: no device sync
-                    if cfg.strategy.l2sp and anchor is not None:  # after the all-reduce: the same on every process
-                        anchor.add_l2sp_grad_(cfg.strategy.l2sp)
-                    if cfg.optim.max_grad_norm:
-                        norm = accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.max_grad_norm)
-                    else:
-                        grads = [p.grad for p in train_model.parameters() if p.grad is not None]
-                        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-                    # A host-device sync per step, on purpose: a NaN/inf gradient must never reach the
-                    # weights. Gradients are all-reduced, so every process decides the same way.
-                    if not bool(torch.isfinite(norm)):
-                        optimizer.zero_grad(set_to_none=True)
-                        scheduler.step()  # the batch is consumed: the schedule stays aligned with the data
-                        step += 1
-                        skipped_steps += 1
-                        bad_in_row += 1
-                        window_loss.zero_()
-                        window_n = 0
-                        write({"type": "skip", "step": step, "epoch": epoch, "reason": "non-finite gradient"})
-                        progress.console.print(f"step {step}: gradient is NaN/inf, step skipped ({bad_in_row} in a row)")
-                        if bad_in_row >= cfg.train.max_bad_steps:
-                            if log:
-                                log.close()
-                            raise UserError(
-                                f"the gradient was NaN/inf for {bad_in_row} steps in a row (last at step {step}, "
-                                f"lr {scheduler.get_last_lr()[-1]:.1e}); nothing was saved. Lower optim.lr (see "
-                                "`tunesmith lr-find`) or use train.precision=fp32"
-                            )
-                        progress.advance(bar)
-                        stop_if_interrupted(epoch, w + cfg.optim.grad_accum, t0)
-                        continue
-                    bad_in_row = 0
-                    running_loss += window_loss
-                    running_n += window_n
-                    window_loss.zero_()
-                    window_n = 0
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    samples += window_size
-                    progress.advance(bar)
-                    if step % cfg.train.log_every == 0 or step == total_steps:
-                        elapsed = train_time + time.perf_counter() - t0
-                        mean_loss = running_loss.item() / max(running_n, 1)  # host-device sync, once per log step
-                        running_loss.zero_()
-                        running_n = 0
-                        speed = samples / elapsed
-                        shown = tokens / elapsed if unit == "tokens" else speed
-                        progress.update(bar, loss=f"{mean_loss:.4f}", speed=f"{shown:.1f}")
-                        record = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
-                                  "lr": scheduler.get_last_lr()[-1], "samples_per_s": speed, "tokens_per_s": tokens / elapsed}
-                        if cfg.strategy.l2sp and anchor is not None:
-                            record["l2sp_distance"] = anchor.distance()
-                        write(record)
-                    if cfg.eval.every_epoch and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                        train_time += time.perf_counter() - t0
-                        stop = validate(epoch)
-                        t0 = time.perf_counter()
-                        if stop:
-                            stopped_early = True
-                            break
-                    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                        save_checkpoint(epoch, w + cfg.optim.grad_accum, t0)
-                    stop_if_interrupted(epoch, w + cfg.optim.grad_accum, t0)
-                    if step >= total_steps:  # optim.max_steps reached mid-epoch
-                        break
-                train_time += time.perf_counter() - t0
-                if stopped_early:
-                    break
-                if cfg.eval.every_epoch and not cfg.train.eval_every and validate(epoch):
-                    stopped_early = True
-                    break
-                if cfg.train.checkpoint_epochs:
-                    save_checkpoint(epoch + 1, 0, time.perf_counter())
-                if step >= total_steps:
-                    break
-    finally:
-        for s_, h in handlers.items():
-            signal.signal(s_, h)
-    train_peak = peak_rss_mb()
-
-    # 8. Best weights back, final evaluation on the held-out test set.
-    unwrapped_train = accelerator.unwrap_model(train_model)
-    if best_state is not None:
+    # -- after fitting ------------------------------------------------------------------------------
+    def restore_best(self) -> None:
+        s = self.state
+        if self.best_state is None:
+            return
         with torch.no_grad():
-            for n, p in unwrapped_train.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n].to(p.device))
-        if stopped_early or best_step != step:
-            console.print(f"restored the best weights (step {best_step}, validation {cfg.train.metric} {best_metric:.4f})")
-    unwrapped = model if train_model is not model else unwrapped_train  # the whole model, head included
-    unwrapped.eval()
-    ev["after"], _ = evaluate("test")
-    if hasattr(task, "extra_eval") and main:
-        ev["after"].update(task.extra_eval(unwrapped, "after", device, amp, out, console))
-        gb, ga = ev.get("before", {}).get("general_text"), ev["after"].get("general_text")
-        if gb and ga:
-            ev["forgetting"] = {"source": ga["source"], "perplexity_before": gb["perplexity"],
-                                "perplexity_after": ga["perplexity"],
-                                "change_pct": 100.0 * (ga["perplexity"] / gb["perplexity"] - 1.0)}
-    moved = strategy.moved() if hasattr(strategy, "moved") else anchor.moved() if anchor is not None else None
-    if moved:
-        ev["weights_moved"] = moved
-        console.print(moved_table(moved))
-    ev["train"] = {
-        "runtime_s": train_time,
-        "samples_per_s": samples / train_time if train_time else 0.0,
-        "tokens_per_s": tokens / train_time if train_time else 0.0,
-        "peak_rss_mb": train_peak,
-        "steps": step,
-        "epochs_run": epoch,
-        "stopped_early": stopped_early,
-        "skipped_steps": skipped_steps,
-        "best_step": best_step,
-        "precision": precision,
-        "processes": world,
-        "device": device.type,
-    }
-    ev["data_report"] = report.to_dict()
-    ev["data"] = {
-        s.name: {"rows": len(s), "source": s.source, "skipped": s.skipped, "truncated": enc[s.name].truncated}
-        for s in (data.train, data.validation, data.test)
-    }
-    ev["labels"] = data.labels
-    ev["task"] = cfg.task
-    ev["strategy"] = strategy.name
-    ev["parameters"] = {"trainable": trainable, "frozen": frozen,
-                        "trainable_at_end": count_params(accelerator.unwrap_model(train_model))[0]}
-    if replay is not None:
-        ev["data"]["replay"] = {"rows": len(replay), "source": replay.source, "samples_seen": replay_seen}
-    if feature_info is not None:
-        ev["features"] = feature_info
-    ev["model"] = cfg.model
-    ev["validation_best"] = {cfg.train.metric: best_metric, "step": best_step} if best_metric is not None else None
+            for n, p in self.accelerator.unwrap_model(self.train_model).named_parameters():
+                if n in self.best_state:
+                    p.copy_(self.best_state[n].to(p.device))
+        if s.stopped_early or s.best_step != s.step:
+            self.console.print(f"restored the best weights (step {s.best_step}, validation {self.cfg.train.metric} "
+                               f"{s.best_metric:.4f})")
 
-    # 9. Artifacts: model/ first (written aside, then renamed), eval.json last marks the run finished.
-    accelerator.wait_for_everyone()
-    if main:
-        tmp = out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            unwrapped = strategy.save(unwrapped, task, tmp)
-        except OSError as e:  # a full disk, a quota: the half-written copy goes, an older model/ stays
+    def whole_model(self) -> nn.Module:
+        """The model with its head (under feature extraction the loop trained the head alone)."""
+        return self.parts.model
+
+    def final_evaluation(self) -> None:
+        s, ev = self.state, self.ev
+        trained = self.accelerator.unwrap_model(self.train_model)
+        trained.eval()
+        self.whole_model().eval()
+        ev.update(self.view.task.final(trained, self.view.enc, self.rt, ev))
+        moved = self.stage.strategy.moved() or (self.anchor.moved() if self.anchor is not None else None)
+        if moved:
+            ev["weights_moved"] = moved
+            self.console.print(moved_table(moved))
+        train_time = s.train_time
+        ev["train"] = {
+            "runtime_s": train_time, "samples_per_s": s.samples / train_time if train_time else 0.0,
+            "tokens_per_s": s.tokens / train_time if train_time else 0.0, "peak_rss_mb": self.train_peak,
+            "steps": s.step, "epochs_run": self.last_epoch, "stopped_early": s.stopped_early,
+            "skipped_steps": s.skipped_steps, "best_step": s.best_step, "precision": self.precision,
+            "processes": self.world, "device": self.device.type,
+        }
+        ev["data_report"] = self.report.to_dict()
+        ev["data"] = {x.name: {"rows": len(x), "source": x.source, "skipped": x.skipped, "truncated": self.enc[x.name].truncated}
+                      for x in (self.data.train, self.data.validation, self.data.test)}
+        if self.replay is not None:
+            ev["data"]["replay"] = {"rows": len(self.replay), "source": self.replay.source, "samples_seen": self.replay_seen}
+        trainable, frozen = self.stage_counts  # what the strategy chose, before any unfreezing
+        ev.update(labels=self.data.labels, task=self.cfg.task, strategy=self.stage.strategy.name, model=self.cfg.model,
+                  strategy_reason=self.cfg.strategy.reason)
+        ev["parameters"] = {"trainable": trainable, "frozen": frozen, "trainable_at_end": count_params(trained)[0]}
+        if self.view.info is not None:
+            ev["features"] = self.view.info
+        ev["validation_best"] = {self.cfg.train.metric: s.best_metric, "step": s.best_step} if s.best_metric is not None else None
+
+    # -- artifacts ----------------------------------------------------------------------------------
+    def save(self) -> None:
+        """model/ first (written aside, then renamed), eval.json last: it marks the run finished."""
+        out, ev = self.out, self.ev
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            tmp = out / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"writing the model to {tmp} failed: {e.strerror or e}; nothing was replaced") from None
-        shutil.rmtree(out / "model", ignore_errors=True)
-        os.replace(tmp, out / "model")
-        log.close()
-        tmp_eval = out / "eval.json.tmp"
-        tmp_eval.write_text(json.dumps(ev, indent=2), encoding="utf-8")
-        os.replace(tmp_eval, out / "eval.json")
-        shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)  # a finished run does not resume: model/ has the result
-        if lock is not None:
-            lock.close()
+            try:
+                saved = self.stage.strategy.save(self.whole_model(), self.task, tmp)
+            except OSError as e:  # a full disk, a quota: the half-written copy goes, an older model/ stays
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserError(f"writing the model to {tmp} failed: {e.strerror or e}; nothing was replaced") from None
+            self.parts.model = saved  # LoRA: the merged model
+            shutil.rmtree(out / "model", ignore_errors=True)
+            os.replace(tmp, out / "model")
+            self.metrics_log.close()
+            tmp_eval = out / "eval.json.tmp"
+            tmp_eval.write_text(json.dumps(ev, indent=2), encoding="utf-8")
+            os.replace(tmp_eval, out / "eval.json")
+            shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)  # a finished run does not resume: model/ has the result
+            if self.lock is not None:
+                self.lock.close()
+            self.print_summary()
+        self.events.run_end(self, ev)
+        self.accelerator.wait_for_everyone()
+
+    def print_summary(self) -> None:
+        ev, console = self.ev, self.console
         console.print(results_table(ev))
-        if data.labels and len(data.labels) <= 30:
-            console.print(per_class_table(ev["after"]))
-        if "forgetting" in ev:
-            fg = ev["forgetting"]
-            console.print(f"forgetting: perplexity on {fg['source']} {fg['perplexity_before']:.2f} -> "
-                          f"{fg['perplexity_after']:.2f} ({fg['change_pct']:+.1f}%)")
-        if (out / "samples.md").exists():
-            console.print(f"base vs tuned answers: {out / 'samples.md'}")
-        speed = (f"{ev['train']['tokens_per_s']:.1f} tokens/s" if unit == "tokens"
-                 else f"{ev['train']['samples_per_s']:.1f} samples/s")
-        console.print(f"train: {ev['train']['runtime_s']:.1f} s, {speed}, peak RSS {train_peak:.0f} MB; run directory: {out}")
-    accelerator.wait_for_everyone()
-    return RunResult(out, cfg, ev, unwrapped)
+        for item in self.task.summary(ev):
+            console.print(item)
+        t = ev["train"]
+        speed = f"{t['tokens_per_s']:.1f} tokens/s" if self.task.unit == "tokens" else f"{t['samples_per_s']:.1f} samples/s"
+        console.print(f"train: {t['runtime_s']:.1f} s, {speed}, peak RSS {t['peak_rss_mb']:.0f} MB; run directory: {self.out}")
+
+
+def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None,
+        observers: list[Observer] | None = None) -> RunResult | dict[str, Any]:
+    """Train as `cfg` says; with `lr_find_only` (a PNG path), run the range test and return its result."""
+    recipe = Recipe(cfg, quiet=quiet, observers=observers)
+    if lr_find_only is not None:
+        return recipe.find_lr(lr_find_only)
+    return recipe.run()

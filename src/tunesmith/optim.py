@@ -1,25 +1,28 @@
 """AdamW and the learning-rate schedule, built from the strategy's parameter groups.
 
 Biases and normalisation weights get no weight decay (the usual BERT/timm rule). Each group's lr
-is the base lr times the group's `lr_scale`.
+is the base lr times the group's `lr_scale`. Schedules are transformers' (`get_scheduler`), by
+the names users know from the HF Trainer; `constant` with a warmup is its `constant_with_warmup`.
+They are `LambdaLR`s, so their state is a step count and resume is exact.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from tunesmith.config import OptimConfig
-from tunesmith.strategies.base import ParamGroup
+if TYPE_CHECKING:
+    from tunesmith.config import OptimConfig
+    from tunesmith.strategies.base import ParamGroup
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
 
 
-def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
+def build_optimizer(groups: list["ParamGroup"], cfg: "OptimConfig", lr: float) -> torch.optim.AdamW:
     torch_groups = []
     for g in groups:
         # Every parameter a strategy lists, frozen or not: gradual unfreezing turns some on later,
@@ -33,18 +36,15 @@ def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig, lr: float) -> to
     return torch.optim.AdamW(torch_groups, lr=lr, betas=cfg.betas, fused=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+def warmup_steps(cfg: "OptimConfig", total_steps: int) -> int:
+    """optim.warmup: a fraction of all steps if < 1, else a number of steps; never all of them."""
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
-    warmup = min(warmup, max(total_steps - 1, 0))
+    return min(warmup, max(total_steps - 1, 0))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
 
-    return LambdaLR(optimizer, factor)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "OptimConfig", total_steps: int) -> LambdaLR:
+    from transformers import get_scheduler
+
+    warmup = warmup_steps(cfg, total_steps)
+    name = "constant_with_warmup" if cfg.scheduler == "constant" and warmup else cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))

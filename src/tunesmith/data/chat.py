@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.text import _text_problem
+from tunesmith.data.text import text_problem
 from tunesmith.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -138,7 +138,7 @@ def chat_problem(row: dict[str, Any]) -> str | None:
                     if "role" in m else f"messages[{i}] has no 'role'")
         if "content" not in m:
             return f"messages[{i}] ({role}) has no 'content'"
-        problem = _text_problem(m["content"], f"messages[{i}] ({role}) content")
+        problem = text_problem(m["content"], f"messages[{i}] ({role}) content")
         if problem:
             return problem
         if "weight" in m:
@@ -169,7 +169,7 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, syst
         for key in ("prompt", "completion"):
             if key not in row:
                 return f"no '{key}' field (this file is read as prompt/completion)"
-            problem = _text_problem(row[key], f"'{key}'")
+            problem = text_problem(row[key], f"'{key}'")
             if problem:
                 return problem
         return Example("prompt-completion", where, prompt=row["prompt"], completion=row["completion"])
@@ -177,7 +177,7 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, syst
         for key in ("instruction", "output"):
             if key not in row:
                 return f"no '{key}' field (this file is read as Alpaca: instruction, input, output)"
-            problem = _text_problem(row[key], f"'{key}'")
+            problem = text_problem(row[key], f"'{key}'")
             if problem:
                 return problem
         extra = row.get("input")
@@ -190,7 +190,7 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, syst
         return Example("chat", where, messages=messages)
     if text_column not in row:
         return f"no '{text_column}' field (data.text_column)"
-    problem = _text_problem(row[text_column], f"'{text_column}'")
+    problem = text_problem(row[text_column], f"'{text_column}'")
     return problem or Example("text", where, text=row[text_column])
 
 
@@ -205,7 +205,7 @@ def _txt_files(path: Path) -> list[Path]:
 
 def read_lm_set(path: str, data: Any, lm: Any, name: str) -> LMSet:
     """Read one data file (or a folder of .txt files) with unusable rows collected in `.bad`."""
-    from tunesmith.data.readers import _decode, read_table
+    from tunesmith.data.readers import decode_text, read_table
 
     p = Path(path)
     if not p.exists():
@@ -215,8 +215,8 @@ def read_lm_set(path: str, data: Any, lm: Any, name: str) -> LMSet:
             raise UserError(f"{p}: .txt data is raw text; lm.format is '{lm.format}' (use auto or text)")
         examples, bad = [], []
         for f in _txt_files(p):
-            text = _decode(f)
-            problem = _text_problem(text, "the file")
+            text = decode_text(f)
+            problem = text_problem(text, "the file")
             if problem:
                 bad.append((f"{f}:1", problem))
                 continue

@@ -14,15 +14,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from tunesmith.config import DataConfig
 from tunesmith.data.readers import SUPPORTED, read_table
-from tunesmith.data.text import _column, _label_value, _line_of
+from tunesmith.data.text import require_column, label_value, line_of
 from tunesmith.errors import UserError
+
+if TYPE_CHECKING:  # type hints only: config imports nothing of data/ and data/ nothing of config
+    from tunesmith.config import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -180,9 +182,9 @@ def _read_folder(root: Path, cfg: DataConfig, name: str) -> ImageSet:
 def _read_listing(table_path: Path, cfg: DataConfig, name: str, labelled: bool) -> ImageSet:
     bad: list[tuple[str, str]] = []
     table = read_table(table_path, cfg.max_rows, malformed=bad)
-    _column(table, cfg.image_column, "image_column")
+    require_column(table, cfg.image_column, "image_column")
     if labelled:
-        _column(table, cfg.label_column, "label_column")
+        require_column(table, cfg.label_column, "label_column")
     base = table_path.parent
     paths, labels, where = [], [], []
     for i, row in enumerate(table.rows):
@@ -195,14 +197,14 @@ def _read_listing(table_path: Path, cfg: DataConfig, name: str, labelled: bool) 
         if not f.is_file():
             bad.append((w, f"image not found: {f}"))
             continue
-        label = _label_value(row.get(cfg.label_column), None) if labelled else None
+        label = label_value(row.get(cfg.label_column), None) if labelled else None
         if labelled and (label is None or isinstance(label, list)):
             bad.append((w, "label is missing or not a string/integer"))
             continue
         paths.append(f)
         labels.append(label)
         where.append(w)
-    bad.sort(key=lambda b: _line_of(b[0]))
+    bad.sort(key=lambda b: line_of(b[0]))
     if not paths and not bad:
         raise UserError(f"{table_path}: no data rows, only a header")
     return ImageSet(name, str(table_path), paths, labels, where, bad)

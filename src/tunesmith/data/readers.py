@@ -51,7 +51,7 @@ def read_table(path: str | Path, max_rows: int | None = None, malformed: Malform
         )
     if fmt == "parquet":
         return _read_parquet(path, max_rows)
-    text = _decode(path)
+    text = decode_text(path)
     if not text.strip():
         raise UserError(f"{path} is empty")
     report = _Reporter(path, malformed)
@@ -72,7 +72,7 @@ class _Reporter:
         self.malformed.append((f"{self.path}:{line}", problem))
 
 
-def _decode(path: Path) -> str:
+def decode_text(path: Path) -> str:
     """The file as text. Bytes that are not UTF-8 survive as lone surrogates (surrogateescape), so
     the row that holds them can be reported by line; a file that is mostly not text is refused."""
     data = path.read_bytes()

@@ -10,11 +10,13 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunesmith.config import DataConfig
 from tunesmith.data.readers import Table, read_table
 from tunesmith.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:  # type hints only: config imports nothing of data/ and data/ nothing of config
+    from tunesmith.config import DataConfig
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TextSet:
         )
 
 
-def _column(table: Table, column: str, key: str) -> None:
+def require_column(table: Table, column: str, key: str) -> None:
     if column not in table.columns:
         raise UserError(
             f"{table.path}: no column '{column}' (set by data.{key}){did_you_mean(column, table.columns)}; "
@@ -53,7 +55,7 @@ def _column(table: Table, column: str, key: str) -> None:
         )
 
 
-def _label_value(value: Any, separator: str | None) -> Any:
+def label_value(value: Any, separator: str | None) -> Any:
     """Normalise a label cell: str for single-label, list[str] for multi-label, None when missing."""
     if value is None:
         return None
@@ -64,7 +66,7 @@ def _label_value(value: Any, separator: str | None) -> Any:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, (list, tuple)):
-        items = [_label_value(v, None) for v in value]
+        items = [label_value(v, None) for v in value]
         if any(i is None or isinstance(i, list) for i in items):
             return None
         return sorted(set(items))
@@ -76,7 +78,7 @@ def _label_value(value: Any, separator: str | None) -> Any:
     return None
 
 
-def _text_problem(value: Any, what: str) -> str | None:
+def text_problem(value: Any, what: str) -> str | None:
     if not isinstance(value, str):
         return f"{what} is {'missing' if value is None else type(value).__name__ + ', not a string'}"
     if not value.strip():
@@ -89,20 +91,20 @@ def _text_problem(value: Any, what: str) -> str | None:
 def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) -> TextSet:
     bad: list[tuple[str, str]] = []
     table = read_table(path, cfg.max_rows, malformed=bad)
-    _column(table, cfg.text_column, "text_column")
+    require_column(table, cfg.text_column, "text_column")
     if cfg.text_pair_column:
-        _column(table, cfg.text_pair_column, "text_pair_column")
+        require_column(table, cfg.text_pair_column, "text_pair_column")
     if labelled:
-        _column(table, cfg.label_column, "label_column")
+        require_column(table, cfg.label_column, "label_column")
     texts, pairs, labels, where = [], [] if cfg.text_pair_column else None, [], []
     for i, row in enumerate(table.rows):
         text = row.get(cfg.text_column)
-        problem = _text_problem(text, "text")
+        problem = text_problem(text, "text")
         pair = None
         if cfg.text_pair_column and problem is None:
             pair = row.get(cfg.text_pair_column)
-            problem = _text_problem(pair, f"'{cfg.text_pair_column}'")
-        label = _label_value(row.get(cfg.label_column), cfg.label_separator) if labelled else None
+            problem = text_problem(pair, f"'{cfg.text_pair_column}'")
+        label = label_value(row.get(cfg.label_column), cfg.label_separator) if labelled else None
         if labelled and problem is None and (label is None or label == []):
             problem = "label is missing or not a string/integer/list"
         if problem:
@@ -113,7 +115,7 @@ def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) 
             pairs.append(pair)
         labels.append(label)
         where.append(table.where(i))
-    bad.sort(key=lambda b: _line_of(b[0]))
+    bad.sort(key=lambda b: line_of(b[0]))
     if bad and cfg.bad_rows == "error":
         raise UserError(bad_rows_message(str(path), bad))
     if not texts:
@@ -121,7 +123,7 @@ def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) 
     return TextSet(name, str(path), texts, pairs, labels, where, bad=bad)
 
 
-def _line_of(where: str) -> int:
+def line_of(where: str) -> int:
     tail = where.rsplit(":", 1)[-1].rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
 

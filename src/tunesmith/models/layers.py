@@ -131,3 +131,11 @@ def layer_groups(model: nn.Module, head: list[str]) -> LayerGroups:
             groups.embeddings.append(name)
     groups.blocks = [b for b in groups.blocks if b]  # blocks without parameters of their own
     return groups
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (transformers models, under a PEFT wrapper too)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

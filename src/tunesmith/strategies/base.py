@@ -1,9 +1,16 @@
-"""The strategy protocol, parameter groups and the helpers strategies share.
+"""The strategy contract, parameter groups and the helpers strategies share.
 
 A strategy freezes what must not train and returns named parameter groups, each with an lr
 scale. The optimizer is built from these groups in one place (`tunesmith.optim`). Strategies may
-also change the trainable set during training (`update`), wrap the model (LoRA), or replace the
-data the loop sees (feature extraction); the hooks have no-op defaults in `BaseStrategy`.
+also change the trainable set during training (`update`), wrap the model (LoRA), or replace what
+the loop trains on (`training_view`: feature extraction trains the head on cached features); the
+hooks have no-op defaults in `BaseStrategy`.
+
+A strategy declares, as class attributes, what the config checks when it is read: its own keys
+under `strategy:` (`Options`, a pydantic model), whether it needs a freshly initialised head
+(`needs_new_head`), which forgetting guards make sense with it (`guards`). Adding a strategy is
+one file: subclass `BaseStrategy`, register it (`STRATEGIES.register("name")` for a plugin, a line
+in `tunesmith.registry` for a built-in).
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ import fnmatch
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tunesmith.errors import UserError
@@ -63,16 +71,76 @@ class ModelParts:
         return [(n, named[n]) for n in names]
 
 
+class StrategyOptions(BaseModel):
+    """A strategy's own keys under `strategy:` (besides name, l2sp, replay and reason)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LayerDecayOptions(StrategyOptions):
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="Discriminative learning rates: each block's lr is the head's lr times layer_decay^(distance from the head)."
+    )
+
+
+@dataclass
+class TrainingView:
+    """What the loop trains and evaluates: the task, the model and the encoded splits, as a strategy
+    presents them (feature extraction: a head on cached features). `info` goes into eval.json."""
+
+    task: Any
+    model: nn.Module
+    enc: dict[str, Any]
+    info: dict[str, Any] | None = None
+
+
+@dataclass
+class Stage:
+    """One strategy trained for a share of the run. A strategy that trains in stages (a head on cached
+    features, then everything: LP-FT) returns several from `BaseStrategy.stages`; the loop runs them
+    in order, each with its own optimizer, schedule and best-weights restore."""
+
+    strategy: "BaseStrategy"
+    epochs: int | None = None  # None: optim.epochs
+    lr: float | None = None  # None: optim.lr, else the strategy's default_lr
+    first_step: int = 0  # set by the loop: the run's step count when this stage began
+
+
 class BaseStrategy:
     """Defaults for the optional hooks; a strategy overrides `apply` and what it needs."""
 
     name = "base"
     default_lr = 2e-5
     description = ""
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions  # the strategy.* keys this strategy reads
     trains_backbone = True  # False: pre-trained weights never move (no l2sp, no weight-moved report)
+    needs_new_head = False  # True: only for tasks whose model gets a new head (Task.new_head)
+    guards: ClassVar[frozenset[str]] = frozenset({"l2sp", "replay"})  # forgetting guards that make sense here
+    no_guard_reason = ""  # why a guard not in `guards` does nothing with this strategy
 
     def __init__(self, config: Any = None):
         self.config = config
+
+    @classmethod
+    def choose(cls, config: Any, parts: "ModelParts", n_train: int, device: torch.device) -> Any:
+        """The strategy config to train with, once model and data are known; `auto` decides here."""
+        return config
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        """Combinations of this strategy's own options that make no sense (raise ValueError)."""
+
+    def stages(self) -> list[Stage]:
+        """What the loop trains, in order; one stage by default: this strategy for the whole budget."""
+        return [Stage(self)]
+
+    def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
+        """What the loop trains on; by default the task, the model and the data as they are."""
+        return TrainingView(task, model, enc)
+
+    def moved(self) -> dict[str, float] | None:
+        """How far each layer group moved, if the strategy measures it itself (LoRA); None: the loop's anchor."""
+        return None
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         """Freeze what does not train (requires_grad=False); return the groups the optimizer gets."""

@@ -28,25 +28,29 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from tunesmith.data.features import Features
 from tunesmith.errors import UserError
+from tunesmith.models.cache import cache_root
 from tunesmith.models.heads import make_head, mean_pool, sentence_transformers_pooling
-from tunesmith.registry import STRATEGIES
-from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, freeze, unfreeze
+from tunesmith.strategies.base import (
+    BaseStrategy,
+    ModelParts,
+    ParamGroup,
+    StrategyOptions,
+    TrainingView,
+    freeze,
+    unfreeze,
+)
 
 CACHE_VERSION = "tunesmith-features-1"
-
-
-def cache_root(configured: str | None) -> Path:
-    return Path(configured or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith")
 
 
 class FeatureHead(nn.Module):
@@ -94,25 +98,90 @@ def _model_identity(model: nn.Module) -> str:
     return json.dumps([str(path.resolve()) if str(path) else "", files, cfg])
 
 
-def _data_digest(enc: Any) -> str:
-    if hasattr(enc, "digest"):  # images: their files (path, size, mtime)
-        return enc.digest()
-    h = hashlib.sha256()
-    lengths = np.asarray([len(x) for x in enc.input_ids], dtype=np.int64)
-    h.update(lengths.tobytes())
-    h.update(np.asarray([t for x in enc.input_ids for t in x], dtype=np.int64).tobytes())
-    for k in sorted(enc.extra):
-        h.update(k.encode())
-        h.update(np.asarray([t for x in enc.extra[k] for t in x], dtype=np.int64).tobytes())
-    return h.hexdigest()
+@dataclass
+class Features:
+    """Cached backbone features standing in for an encoded set: same `lengths`, `labels`, `subset`
+    and `len()`; its batches are `{"features": ...}` for the head alone."""
+
+    features: torch.Tensor  # (N, D) float32, the input of the model's head
+    labels: torch.Tensor | None
+    truncated: int = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        return [1] * len(self)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def subset(self, idx: list[int]) -> "Features":
+        return Features(self.features[idx], self.labels[idx] if self.labels is not None else None)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = {"features": self.features[idx]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
 
 
-@STRATEGIES.register("feature-extraction")
+class _OnFeatures:
+    """Mixed in before a task's class: batches come from cached features, the model is the head alone.
+    Loss, metrics, baselines and everything else stay the task's own."""
+
+    def collate(self, enc: Features, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
+        return enc.collate(idx)
+
+    def weight(self, enc: Features, idx: list[int]) -> float:
+        return float(len(idx))
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, enc: Features, acc: Any, rt: Any, features: bool = False) -> None:
+        if rt.rank != 0:  # the head is cheap: one process computes every row (the merge sums over processes)
+            return
+        was_training = model.training
+        model.eval()
+        for i in range(0, len(enc), rt.batch_size):
+            x = enc.features[i : i + rt.batch_size]
+            rows = list(range(i, i + len(x)))
+            acc.update(rows, model(features=x.to(rt.device)).logits.float().cpu().numpy(), x.numpy() if features else None)
+        model.train(was_training)
+
+
+_VIEWS: dict[type, type] = {}
+
+
+def on_features(task: Any) -> Any:
+    """The task as the loop sees it while the head trains on cached features (same state, same object
+    for everything but batching and prediction)."""
+    cls = type(task)
+    if cls not in _VIEWS:
+        _VIEWS[cls] = type(f"{cls.__name__}OnFeatures", (_OnFeatures, cls), {})
+    view = object.__new__(_VIEWS[cls])
+    view.__dict__ = task.__dict__  # shared, not copied: labels, tokenizer and config are the task's
+    return view
+
+
+class FeatureExtractionOptions(StrategyOptions):
+    head: Literal["linear", "mlp"] = Field("linear", description="feature-extraction: the model's own linear head, or an MLP in its place.")
+    head_hidden: int = Field(256, gt=0, description="feature-extraction with head: mlp: hidden units.")
+    pooling: Literal["auto", "head", "mean"] = Field(
+        "auto", description="feature-extraction: 'head' caches what the model's own head reads (plain HF export); 'mean' the mean of "
+        "the last hidden states (sentence-transformers models); auto: mean when the model's pooling config says so."
+    )
+    cache_dir: str | None = Field(
+        None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
+    )
+
+
 class FeatureExtraction(BaseStrategy):
     name = "feature-extraction"
     default_lr = 1e-2
     description = "frozen backbone run once, features cached on disk; only the head trains on them"
+    Options = FeatureExtractionOptions
     trains_backbone = False
+    needs_new_head = True
+    guards = frozenset()
+    no_guard_reason = "the pre-trained weights do not move, nothing can be forgotten"
 
     def __init__(self, config: Any = None):
         super().__init__(config)
@@ -198,9 +267,8 @@ class FeatureExtraction(BaseStrategy):
             handle.remove()
         return feats if feats is not None else torch.zeros(0, 1)
 
-    def extract(self, task: Any, model: nn.Module, enc: dict[str, Any], device: torch.device,
-                amp: torch.dtype | None, batch_size: int, console: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-        """Features for every split, from the cache or from one backbone pass; the head to train."""
+    def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
+        """Features for every split, from the cache or from one backbone pass; the head to train on them."""
         from safetensors.torch import load_file, save_file
 
         root = cache_root(self.config.cache_dir) / "features"
@@ -210,7 +278,7 @@ class FeatureExtraction(BaseStrategy):
         info: dict[str, Any] = {"cache_dir": str(root)}
         for split, e in enc.items():
             key = hashlib.sha256(
-                json.dumps([CACHE_VERSION, identity, self.head_name, self.pooling, str(amp), _data_digest(e)]).encode()
+                json.dumps([CACHE_VERSION, identity, self.head_name, self.pooling, str(rt.amp), e.digest()]).encode()
             ).hexdigest()[:32]
             path = root / f"{key}.safetensors"
             t0 = time.perf_counter()
@@ -220,7 +288,7 @@ class FeatureExtraction(BaseStrategy):
                 self.first_token = first if self.first_token is None else self.first_token
                 cached = True
             else:
-                feats = self._extract(model, task, e, device, amp, batch_size)
+                feats = self._extract(model, task, e, rt.device, rt.amp, rt.batch_size)
                 root.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 save_file({"features": feats.contiguous(), "first_token": torch.tensor(bool(self.first_token))}, str(tmp))
@@ -228,10 +296,10 @@ class FeatureExtraction(BaseStrategy):
                 cached = False
             seconds = time.perf_counter() - t0
             info[split] = {"rows": len(e), "cached": cached, "key": key, "seconds": seconds}
-            console.print(f"features: {split} {len(e)} rows ({self.pooling} pooling), {'read from cache' if cached else 'computed'} "
+            rt.print(f"features: {split} {len(e)} rows ({self.pooling} pooling), {'read from cache' if cached else 'computed'} "
                           f"in {seconds:.1f} s ({path})")
             out[split] = Features(feats, e.labels)
         info["dim"] = int(next(iter(out.values())).features.shape[-1])
         info["pooling"] = self.pooling
         head = model.get_submodule(self.head_name)
-        return FeatureHead(head, bool(self.first_token)), out, info
+        return TrainingView(on_features(task), FeatureHead(head, bool(self.first_token)), out, info)

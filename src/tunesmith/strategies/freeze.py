@@ -8,16 +8,32 @@ top of `train_last_n`, or starting from everything trainable). Embeddings stay f
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from tunesmith.errors import UserError
-from tunesmith.registry import STRATEGIES
-from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, layer_param_groups, match_patterns
+from tunesmith.strategies.base import BaseStrategy, LayerDecayOptions, ModelParts, ParamGroup, layer_param_groups, match_patterns
 
 
-@STRATEGIES.register("freeze")
+class FreezeOptions(LayerDecayOptions):
+    train_last_n: int | None = Field(
+        None, ge=0, description="freeze: train the last N blocks (plus the layers above them and the head); the rest stays frozen."
+    )
+    freeze_patterns: list[str] = Field(
+        default_factory=list, description="freeze: also freeze parameters whose names match these glob patterns, e.g. '*.attention.*'."
+    )
+    freeze_embeddings: bool = Field(True, description="freeze / gradual-unfreeze: keep the embeddings frozen.")
+
+
 class Freeze(BaseStrategy):
     name = "freeze"
     default_lr = 1e-4
     description = "train the last N blocks + head (train_last_n) or freeze by name (freeze_patterns)"
+    Options = FreezeOptions
+
+    @classmethod
+    def check(cls, config) -> None:
+        if config.train_last_n is None and not config.freeze_patterns:
+            raise ValueError("strategy 'freeze' needs strategy.train_last_n (e.g. 2) or strategy.freeze_patterns")
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         cfg = self.config

@@ -7,15 +7,14 @@ layer-wise decay).
 
 from __future__ import annotations
 
-from tunesmith.registry import STRATEGIES
-from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, layer_param_groups, unfreeze
+from tunesmith.strategies.base import BaseStrategy, LayerDecayOptions, ModelParts, ParamGroup, layer_param_groups, unfreeze
 
 
-@STRATEGIES.register("full")
 class Full(BaseStrategy):
     name = "full"
     default_lr = 2e-5
     description = "every weight trains (low learning rate); layer_decay for discriminative rates"
+    Options = LayerDecayOptions
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -9,15 +9,32 @@ state when more blocks join; frozen weights have no gradient and AdamW skips the
 
 from __future__ import annotations
 
-from tunesmith.registry import STRATEGIES
-from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, freeze, layer_param_groups, unfreeze
+from pydantic import Field
+
+from tunesmith.strategies.base import (
+    BaseStrategy,
+    LayerDecayOptions,
+    ModelParts,
+    ParamGroup,
+    freeze,
+    layer_param_groups,
+    unfreeze,
+)
 
 
-@STRATEGIES.register("gradual-unfreeze")
+class GradualUnfreezeOptions(LayerDecayOptions):
+    unfreeze_every: int = Field(
+        0, ge=0, description="gradual-unfreeze: unfreeze one more block every N optimizer steps; 0 = one more block each epoch."
+    )
+    freeze_embeddings: bool = Field(True, description="freeze / gradual-unfreeze: keep the embeddings frozen.")
+
+
 class GradualUnfreeze(BaseStrategy):
     name = "gradual-unfreeze"
     default_lr = 1e-4
     description = "head first, then one more block from the top each epoch or every N steps (ULMFiT)"
+    Options = GradualUnfreezeOptions
+    needs_new_head = True  # it starts from the new head alone
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         layers = parts.layers

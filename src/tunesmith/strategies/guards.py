@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tunesmith.strategies.base import ModelParts
 
 
 class Anchor:
@@ -123,3 +127,14 @@ def _checkpoint_keys(directory: Path, names: list[str], prefix: str) -> dict[str
                 out[n] = (where[key], key)
                 break
     return out
+
+
+def anchor_for(parts: "ModelParts", may_train: set[int], on_device: bool, checkpoint_dir: Path | None) -> Anchor | None:
+    """The starting values of the pre-trained weights that may train (the new head is not anchored)."""
+    model = parts.model
+    head_ids = {id(p) for _, p in parts.params(parts.head)}
+    anchored = [(n, p) for n, p in model.named_parameters() if id(p) in may_train and id(p) not in head_ids]
+    if not anchored:
+        return None
+    return Anchor(anchored, parts.group_of(), on_device=on_device, checkpoint_dir=checkpoint_dir,
+                  prefix=getattr(model, "base_model_prefix", ""))

@@ -7,16 +7,17 @@ batch-norm statistics in the backbone do not change.
 
 from __future__ import annotations
 
-from tunesmith.registry import STRATEGIES
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, freeze, unfreeze
 
 
-@STRATEGIES.register("head-only")
 class HeadOnly(BaseStrategy):
     name = "head-only"
     default_lr = 1e-3
     description = "backbone frozen, only the new head trains (backbone runs every step)"
     trains_backbone = False
+    needs_new_head = True
+    guards = frozenset()
+    no_guard_reason = "the pre-trained weights do not move, nothing can be forgotten"
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         freeze(parts.named("backbone"))

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pydantic import Field
+
 from tunesmith.errors import UserError
-from tunesmith.registry import STRATEGIES
-from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup
+from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, StrategyOptions
 from tunesmith.strategies.guards import relative_l2
 
 # Families PEFT's default table lacks.
@@ -52,11 +53,13 @@ class _DropoutLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, keep, weight = ctx.saved_tensors
         gx = gw = None
+        # under autocast (bf16) the forward's matmul ran in the gradient's dtype: so do these, then
+        # hand each gradient back in its input's dtype
         if ctx.needs_input_grad[0]:
-            gx = torch.where(keep, (grad @ weight) * ctx.scale, 0.0)
+            gx = torch.where(keep, (grad @ weight.to(grad.dtype)) * ctx.scale, 0.0).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = torch.where(keep, x * ctx.scale, 0.0)
-            gw = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
+            dropped = torch.where(keep, x * ctx.scale, 0.0).to(grad.dtype)
+            gw = (grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         return gx, gw, None, None
 
 
@@ -112,12 +115,27 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-@STRATEGIES.register("lora")
+class LoraSettings(StrategyOptions):
+    r: int = Field(8, gt=0, description="LoRA rank: size of the low-rank update of each target weight.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (a name matches itself and any '*.name'); default: per architecture, e.g. BERT query,value."
+    )
+
+
+class LoraOptions(StrategyOptions):
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+
 class Lora(BaseStrategy):
     name = "lora"
     default_lr = 5e-4
     description = "low-rank adapters (PEFT) + the new head; base weights frozen; merged and adapter exports"
+    Options = LoraOptions
     trains_backbone = False
+    guards = frozenset({"replay"})
+    no_guard_reason = "LoRA leaves the pre-trained weights unchanged"
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         from peft import LoraConfig, get_peft_model

@@ -1,5 +1,6 @@
-"""Tasks: what the model learns. Each registers itself by name."""
+"""Tasks: what the model learns. The contract is `tunesmith.tasks.base.Task`; tasks are
+registered by name in `tunesmith.registry.TASKS` and imported when first asked for."""
 
-from tunesmith.tasks import text_classification  # noqa: F401  (registers it)
-from tunesmith.tasks import image_classification  # noqa: F401,E402
-from tunesmith.tasks import causal_lm  # noqa: F401,E402
+from tunesmith.tasks.base import Accumulator, Prepared, Runtime, Task
+
+__all__ = ["Accumulator", "Prepared", "Runtime", "Task"]

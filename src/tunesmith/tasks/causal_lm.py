@@ -29,13 +29,12 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from tunesmith.config import Config
 from tunesmith.data.batching import shard
 from tunesmith.data.chat import (
     IGNORE,
@@ -51,17 +50,14 @@ from tunesmith.data.chat import (
     tokenize_text,
 )
 from tunesmith.errors import UserError
-from tunesmith.models import ResolvedModel, resolve_model
+from tunesmith.models.resolve import ResolvedModel
 from tunesmith.models.safety import check_weights_safety
-from tunesmith.registry import TASKS
+from tunesmith.tasks.base import Accumulator, Prepared, Runtime, Task
 from tunesmith.validate import DataReport, FileReport
 
-METRICS = ["loss", "perplexity"]
-REFUSED = {
-    "head-only": "a language model has no new head: its output layer is pre-trained",
-    "feature-extraction": "a language model has no new head to train on cached features",
-    "gradual-unfreeze": "it starts from the new head alone, and a language model has none",
-}
+if TYPE_CHECKING:
+    from tunesmith.config import Config
+
 # Families whose causal-LM forward is exactly lm_head(decoder(x).last_hidden_state): the loss can
 # skip the output layer where no token is trained. Others compute the full logits.
 PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "starcoder2", "gpt_neox"}
@@ -99,15 +95,6 @@ class LMEncoded:
         return sum(sum(1 for t in r if t != IGNORE) for r in self.targets)
 
 
-@dataclass
-class PreparedLM:
-    train: LMSet
-    validation: LMSet
-    test: LMSet
-    labels: list[str]
-    multi_label: bool = False
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under DDP and PEFT wrappers."""
     model = getattr(model, "module", model)
@@ -116,49 +103,37 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-@TASKS.register("causal-lm")
-class CausalLM:
+class CausalLM(Task):
     name = "causal-lm"
-    metrics_names = METRICS
+    metrics_better = {"loss": "min", "perplexity": "min"}
     unit = "tokens"
-    linear_probe = False
+    default_strategy = "lora"
+    auto_choice = ("lora", "causal-lm: LoRA trains a small share of the weights and keeps the base model intact")
+    new_head = False  # the pre-trained output layer stays: strategies that need a new head do not apply
 
-    def __init__(self, config: Config):
+    def __init__(self, config: "Config"):
         import os
 
         if not torch.cuda.is_available():
             # grouped-query attention inside sdpa even with the packing mask (transformers otherwise
             # repeats k/v to all heads when a mask is passed): exact on CPU, less memory, faster
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-        self.config = config
-        self.tokenizer: Any = None
+        super().__init__(config)
         self.template: str | None = None
-        self.labels: list[str] = []
-        self.multi_label = False
-        self._prepared: PreparedLM | None = None
+        self._prepared: Prepared | None = None
         self._tokenized: dict[int, tuple[list[Tokenized | None], int]] = {}  # id(LMSet) -> (fitted, truncated)
         self._before: dict[str, Any] = {}
         self._general: tuple[str, LMEncoded] | None = None
         self._counts: dict[int, list[int]] = {}
 
     # -- config -------------------------------------------------------------------------------
-    @staticmethod
-    def check_config(cfg: Config) -> None:
-        s = cfg.strategy
-        if "name" not in s.model_fields_set or s.name == "auto":
-            if s.name == "auto":
-                s.reason = "causal-lm: LoRA trains a small share of the weights and keeps the base model intact"
-            s.name = "lora"
-        if s.name in REFUSED:
-            raise ValueError(f"strategy '{s.name}' does not apply to task causal-lm: {REFUSED[s.name]}; use lora, full or freeze")
+    @classmethod
+    def configure(cls, cfg: "Config") -> None:
         if "max_length" not in cfg.train.model_fields_set:
             cfg.train.max_length = 512
 
-    def resolve(self) -> ResolvedModel:
-        return resolve_model(self.config.model)
-
     # -- data ---------------------------------------------------------------------------------
-    def load_data(self) -> PreparedLM:
+    def load_data(self) -> Prepared:
         if self._prepared is None:
             rep = self.validate(self.tokenizer)
             if not rep.ok:
@@ -224,7 +199,7 @@ class CausalLM:
                     rep.errors.append(f"{s.source}: no example fits train.max_length={rep.max_length}")
         rep.check_rows()
         if rep.ok:
-            self._prepared = PreparedLM(sets["train"], sets["validation"], sets["test"], [])
+            self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], [])
         return rep
 
     def _tokenize_set(self, s: LMSet) -> tuple[list[Tokenized | None], list[int], int, list[tuple[str, int]]]:
@@ -263,7 +238,7 @@ class CausalLM:
         return s
 
     # -- model --------------------------------------------------------------------------------
-    def load_tokenizer(self, resolved: ResolvedModel) -> Any:
+    def load_tokenizer(self, resolved: "ResolvedModel") -> Any:
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
@@ -284,7 +259,7 @@ class CausalLM:
             self.tokenizer = tok
         return self.tokenizer
 
-    def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
+    def load_model(self, resolved: "ResolvedModel") -> tuple[nn.Module, list[str], list[str]]:
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -314,6 +289,19 @@ class CausalLM:
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         return model, [], []
+
+    # -- a finished run ------------------------------------------------------------------------
+    def load_trained(self, model_dir: Path) -> nn.Module:
+        resolved = ResolvedModel(str(model_dir), Path(model_dir), "local")
+        self.load_tokenizer(resolved)
+        return self.load_model(resolved)[0]
+
+    def read_eval_set(self, path: str) -> LMEncoded:
+        """The file as the run's data settings read it (the config names it as every split)."""
+        rep = self.validate(self.tokenizer)
+        if not rep.ok:
+            raise UserError(rep.error_line())
+        return self.encode(self.load_data().test)
 
     # -- batches ------------------------------------------------------------------------------
     def encode(self, s: LMSet) -> LMEncoded:
@@ -397,22 +385,21 @@ class CausalLM:
         return {"loss": loss}
 
     # -- evaluation ---------------------------------------------------------------------------
+    def accumulator(self, enc: LMEncoded) -> Accumulator:
+        """Per row: (summed token loss, trained tokens)."""
+        return Accumulator(len(enc), 2, self.metrics, dtype=np.float64)
+
     @torch.no_grad()
-    def predict_logits(
-        self, model: nn.Module, enc: LMEncoded, batch_size: int, device: torch.device, *,
-        autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
-    ) -> tuple[np.ndarray, None]:
-        """Per row: (summed token loss, trained tokens); summed over processes by the loop."""
+    def predict(self, model: nn.Module, enc: LMEncoded, acc: Accumulator, rt: Runtime, features: bool = False) -> None:
         was_training = model.training
         model.eval()
-        out = np.zeros((len(enc), 2), dtype=np.float64)
-        tokens_per_batch = max(batch_size * 128, self.config.train.max_length)
+        tokens_per_batch = max(rt.batch_size * 128, self.config.train.max_length)
         for b in _token_batches(enc.lengths, tokens_per_batch):
-            b = shard(b, rank, world)
+            b = shard(b, rt.rank, rt.world)
             if not b:
                 continue
-            batch = {k: v.to(device) for k, v in self.collate(enc, b, train=False).items()}
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            batch = {k: v.to(rt.device) for k, v in self.collate(enc, b, train=False).items()}
+            with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
                 hidden, head = self._hidden_and_head(model, batch)
             targets = batch["labels"][:, 1:]
             keep = targets != IGNORE
@@ -421,12 +408,10 @@ class CausalLM:
             losses = torch.cat([
                 nn.functional.cross_entropy(head(h[i : i + EVAL_CHUNK]).float(), y[i : i + EVAL_CHUNK], reduction="none")
                 for i in range(0, len(y), EVAL_CHUNK)
-            ]) if len(y) else torch.zeros(0, device=device)
-            sums = torch.zeros(len(b), dtype=torch.float64, device=device).index_add_(0, rows, losses.double())
-            out[b, 0] = sums.cpu().numpy()
-            out[b, 1] = keep.sum(1).cpu().numpy()
+            ]) if len(y) else torch.zeros(0, device=rt.device)
+            sums = torch.zeros(len(b), dtype=torch.float64, device=rt.device).index_add_(0, rows, losses.double())
+            acc.update(b, np.stack([sums.cpu().numpy(), keep.sum(1).cpu().numpy()], axis=1))
         model.train(was_training)
-        return out, None
 
     def metrics(self, per_row: np.ndarray, labels: Any = None) -> dict[str, Any]:
         total, n = float(per_row[:, 0].sum()), float(per_row[:, 1].sum())
@@ -437,28 +422,57 @@ class CausalLM:
         """Lines the loop prints after encoding."""
         lines = []
         for name, e in enc.items():
+            if e.truncated:
+                lines.append(f"truncated: {e.truncated} of {e.examples} {name} examples exceed "
+                             f"train.max_length={self.config.train.max_length} (prompt cut from the left)")
             packed = f" packed into {len(e)} rows" if self.config.lm.packing else ""
             lines.append(f"tokens: {name:<10} {e.examples} examples{packed}, {sum(e.lengths):,} tokens, "
                          f"{e.trained_tokens:,} trained")
         return lines
 
-    # -- after-training extras: forgetting, samples --------------------------------------------
-    def extra_eval(self, model: nn.Module, phase: str, device: torch.device, autocast: torch.dtype | None,
-                   out_dir: Path | None, console: Any = None) -> dict[str, Any]:
-        """Perplexity on general text (forgetting) and answers to the sample prompts, before or after."""
+    # -- beyond the test loss: forgetting and samples, before and after ------------------------
+    def baseline(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> dict[str, Any]:
+        before = self.evaluate(model, enc["test"], rt)[0]
+        if rt.main:
+            before.update(self._extras(model, "before", rt))
+        return {"before": before}
+
+    def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
+        after = self.evaluate(model, enc["test"], rt)[0]
+        out: dict[str, Any] = {"after": after}
+        if rt.main:
+            after.update(self._extras(model, "after", rt))
+            gb, ga = ev.get("before", {}).get("general_text"), after.get("general_text")
+            if gb and ga:
+                out["forgetting"] = {"source": ga["source"], "perplexity_before": gb["perplexity"],
+                                     "perplexity_after": ga["perplexity"],
+                                     "change_pct": 100.0 * (ga["perplexity"] / gb["perplexity"] - 1.0)}
+        return out
+
+    def summary(self, ev: dict[str, Any]) -> list[Any]:
+        lines = []
+        if "forgetting" in ev:
+            fg = ev["forgetting"]
+            lines.append(f"forgetting: perplexity on {fg['source']} {fg['perplexity_before']:.2f} -> "
+                         f"{fg['perplexity_after']:.2f} ({fg['change_pct']:+.1f}%)")
+        if ev["after"].get("samples"):
+            lines.append("base vs tuned answers: samples.md in the run directory")
+        return lines
+
+    def _extras(self, model: nn.Module, phase: str, rt: Runtime) -> dict[str, Any]:
+        """Perplexity on general text (forgetting) and answers to the sample prompts, on this process alone."""
         result: dict[str, Any] = {}
         general = self._general_text()
         if general is not None:
-            m = self.metrics(self.predict_logits(model, general[1], self.config.eval.batch_size, device, autocast=autocast)[0])
-            result["general_text"] = {"source": general[0], **m}
+            result["general_text"] = {"source": general[0], **self.evaluate(model, general[1], rt.alone())[0]}
         prompts = self._sample_prompts()
         if prompts:
             answers = generate_batch(_unwrap(model), self.tokenizer, [p for p, _ in prompts], self.config.lm.max_new_tokens,
-                                     device)
+                                     rt.device)
             if phase == "before":
                 self._before = {"answers": answers}
             else:
-                result["samples"] = self._write_samples(prompts, self._before.get("answers"), answers, out_dir)
+                result["samples"] = self._write_samples(prompts, self._before.get("answers"), answers, rt.out_dir)
         return result
 
     def _general_text(self) -> tuple[str, LMEncoded] | None:
@@ -523,10 +537,6 @@ class CausalLM:
             (out_dir / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                                    encoding="utf-8")
         return rows
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
 
 
 def _quote(text: str) -> str:

@@ -16,23 +16,24 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from tunesmith.config import Config
-from tunesmith.data.features import Features
+from tunesmith.data.batching import shard
 from tunesmith.data.images import ImageSet, Preprocess, center_crop, decode, normalize, read_image_set
 from tunesmith.errors import UserError
-from tunesmith.models import ResolvedModel
-from tunesmith.registry import TASKS
+from tunesmith.models.resolve import ResolvedModel
+from tunesmith.tasks.base import Accumulator, Prepared, Runtime
+from tunesmith.tasks.classification import ClassificationTask
 from tunesmith.validate import DataReport, classification_report
 
-METRICS = ["accuracy", "macro_f1", "micro_f1", "loss"]
+if TYPE_CHECKING:
+    from tunesmith.config import Config
 
 
 @dataclass
@@ -67,16 +68,6 @@ class ImageEncoded:
         return h.hexdigest()
 
 
-@dataclass
-class PreparedImages:
-    train: ImageSet
-    validation: ImageSet
-    test: ImageSet
-    labels: list[str]
-    multi_label: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def data_config_of(resolved: ResolvedModel) -> dict[str, Any]:
     """The model's preprocessing (timm's pretrained_cfg), without building the model."""
     import timm
@@ -93,30 +84,29 @@ def data_config_of(resolved: ResolvedModel) -> dict[str, Any]:
         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
-@TASKS.register("image-classification")
-class ImageClassification:
+class ImageClassification(ClassificationTask):
     name = "image-classification"
+    refuses = {"lora": "strategy lora is not available for image-classification; use full, freeze, gradual-unfreeze, "
+                       "head-only or feature-extraction"}
 
-    def __init__(self, config: Config):
-        self.config = config
-        self.tokenizer = None
-        self.labels: list[str] = []
-        self.multi_label = False
+    def __init__(self, config: "Config"):
+        super().__init__(config)
         self.pre: Preprocess | None = None
         self._decoded: dict[Path, torch.Tensor] = {}
         self._keys: dict[Path, str] = {}
-        self._prepared: PreparedImages | None = None
+        self._prepared: Prepared | None = None
         self._mixup = None
-        d, s = config.data, config.strategy
+
+    @classmethod
+    def configure(cls, cfg: "Config") -> None:
+        d, s = cfg.data, cfg.strategy
         if d.label_separator or d.text_pair_column:
-            raise UserError("image-classification takes one label per image: remove data.label_separator / data.text_pair_column")
-        if s.name == "lora":
-            raise UserError("strategy lora is not available for image-classification; use full, freeze, gradual-unfreeze, "
-                            "head-only or feature-extraction")
+            raise ValueError("image-classification takes one label per image: remove data.label_separator / data.text_pair_column")
         if s.replay is not None:
-            raise UserError("strategy.replay is not available for image-classification yet")
-        if s.pooling == "mean" or s.head == "mlp":
-            raise UserError("image-classification trains the model's own linear classifier: remove strategy.pooling: mean / head: mlp")
+            raise ValueError("strategy.replay is not available for image-classification yet")
+        options = s.model_extra or {}  # the chosen strategy's own keys
+        if options.get("pooling") == "mean" or options.get("head") == "mlp":
+            raise ValueError("image-classification trains the model's own linear classifier: remove strategy.pooling: mean / head: mlp")
 
     # -- model resolution and preprocessing ---------------------------------------------------
     def resolve(self) -> ResolvedModel:
@@ -166,7 +156,7 @@ class ImageClassification:
         rep.check_rows()
         if rep.ok:
             self.labels = names
-            self._prepared = PreparedImages(sets["train"], sets["validation"], sets["test"], names)
+            self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], names)
         return rep
 
     def _read(self, path: str, split: str) -> ImageSet:
@@ -184,15 +174,12 @@ class ImageClassification:
         """Exact-duplicate key: the decoded pixels (the same picture saved twice is caught)."""
         return hashlib.sha1(self._decoded[p].numpy().tobytes()).hexdigest()
 
-    def load_data(self) -> PreparedImages:
+    def load_data(self) -> Prepared:
         if self._prepared is None:
             rep = self.validate()
             if not rep.ok:
                 raise UserError(rep.error_line())
         return self._prepared
-
-    def load_replay(self, path: str) -> ImageSet:
-        raise UserError("strategy.replay is not available for image-classification yet")
 
     # -- model --------------------------------------------------------------------------------
     def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
@@ -211,6 +198,26 @@ class ImageClassification:
         p = self.pre
         return {"input_size": [3, p.size, p.size], "interpolation": p.interpolation, "mean": list(p.mean),
                 "std": list(p.std), "crop_pct": p.crop_pct, "crop_mode": "center"}
+
+    # -- a finished run ------------------------------------------------------------------------
+    def load_trained(self, model_dir: Path) -> nn.Module:
+        from tunesmith.predict import ImageClassifier
+
+        clf = ImageClassifier(model_dir, device="cpu")
+        self.labels, self.pre = clf.labels, clf.pre
+        return clf.model
+
+    def read_eval_set(self, path: str) -> ImageEncoded:
+        from tunesmith.data.text import bad_rows_message
+
+        s = self._read(path, "evaluation")
+        if s.bad:
+            raise UserError(bad_rows_message(path, s.bad, shown=3))
+        unknown = sorted({l for l in s.labels if l not in self.labels})
+        if unknown:
+            raise UserError(f"{path}: class(es) {', '.join(unknown[:5])} are not among the model's classes "
+                            f"({', '.join(self.labels[:10])})")
+        return self.encode(s)
 
     # -- batches ------------------------------------------------------------------------------
     def encode(self, s: ImageSet) -> ImageEncoded:
@@ -233,10 +240,8 @@ class ImageClassification:
             img = T.RandAugment(num_ops=2, magnitude=9)(img)
         return img
 
-    def collate(self, enc: ImageEncoded | Features, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
-        """A batch: augmented for training, timm's eval transform (`train=False`) for feature extraction."""
-        if isinstance(enc, Features):
-            return enc.collate(idx)
+    def collate(self, enc: ImageEncoded, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
+        """A batch: augmented for training, timm's eval transform (`train=False`) for evaluation."""
         if train:
             imgs = torch.stack([self._augment(enc.images[i]) for i in idx])
         else:
@@ -269,45 +274,28 @@ class ImageClassification:
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_logits(
-        self, model: nn.Module, enc: ImageEncoded | Features, batch_size: int, device: torch.device, *,
-        autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        from tunesmith.data.batching import shard
-
+    def predict(self, model: nn.Module, enc: ImageEncoded, acc: Accumulator, rt: Runtime, features: bool = False) -> None:
+        """Logits of this process's rows (and the pooled features the classifier reads, if asked)."""
         was_training = model.training
         model.eval()
-        logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
-        feats = None
-        if isinstance(enc, Features):
-            if rank == 0:
-                for i in range(0, len(enc), batch_size):
-                    x = enc.features[i : i + batch_size].to(device)
-                    logits[i : i + len(x)] = model(features=x).logits.float().cpu().numpy()
-            model.train(was_training)
-            return logits, enc.features.numpy() if want_features else None
-        for start in range(0, len(enc), batch_size):
-            b = shard(list(range(start, min(start + batch_size, len(enc)))), rank, world)
+        for start in range(0, len(enc), rt.batch_size):
+            b = shard(list(range(start, min(start + rt.batch_size, len(enc)))), rt.rank, rt.world)
             if not b:
                 continue
-            x = self.collate(enc, b, train=False)["x"].to(device)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                if want_features:
+            x = self.collate(enc, b, train=False)["x"].to(rt.device)
+            pooled = None
+            with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
+                if features:
                     pooled = model.forward_head(model.forward_features(x), pre_logits=True)
                     out = model.get_classifier()(pooled)
-                    if feats is None:
-                        feats = np.zeros((len(enc), pooled.shape[-1]), dtype=np.float32)
-                    feats[b] = pooled.float().cpu().numpy()
+                    pooled = pooled.float().cpu().numpy()
                 else:
                     out = model(x)
-            logits[b] = out.float().cpu().numpy()
+            acc.update(b, out.float().cpu().numpy(), pooled)
         model.train(was_training)
-        return logits, feats
 
     def metrics(self, logits: np.ndarray, labels: torch.Tensor) -> dict[str, Any]:
-        from tunesmith.metrics import classification_metrics
-
-        m = classification_metrics(logits, labels.numpy(), self.labels, False)
+        m = super().metrics(logits, labels)
         k = min(self.config.image.top_k, len(self.labels))
         if k > 1:
             top = np.argsort(-logits, axis=1)[:, :k]

@@ -7,29 +7,29 @@ user's labels; a pre-trained head of another size is discarded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from tunesmith.config import Config
 from tunesmith.data.batching import make_batches, pad_batch, shard
-from tunesmith.data.features import Features
 from tunesmith.data.text import TextSet, check_known_labels, is_multi_label, read_text_set
 from tunesmith.errors import UserError
-from tunesmith.models import ResolvedModel
 from tunesmith.models.heads import mean_pool
 from tunesmith.models.safety import check_weights_safety
-from tunesmith.registry import TASKS
+from tunesmith.tasks.base import Accumulator, Prepared, Runtime
+from tunesmith.tasks.classification import ClassificationTask
 from tunesmith.validate import DataReport, classification_report, token_lengths
 
-# Validation metrics the best-model choice may use; 'loss' is minimised, the rest maximised.
-METRICS = ["accuracy", "macro_f1", "micro_f1", "loss"]
+if TYPE_CHECKING:
+    from tunesmith.config import Config
+    from tunesmith.models.resolve import ResolvedModel
 
 
 @dataclass
@@ -54,6 +54,16 @@ class Encoded:
         extra = {k: v + other.extra[k] for k, v in self.extra.items() if k in other.extra}
         return Encoded(self.input_ids + other.input_ids, extra, labels, self.truncated + other.truncated)
 
+    def digest(self) -> str:
+        """A hash of the token ids: what a feature cache keys the data on."""
+        h = hashlib.sha256()
+        h.update(np.asarray(self.lengths, dtype=np.int64).tobytes())
+        h.update(np.asarray([t for x in self.input_ids for t in x], dtype=np.int64).tobytes())
+        for k in sorted(self.extra):
+            h.update(k.encode())
+            h.update(np.asarray([t for x in self.extra[k] for t in x], dtype=np.int64).tobytes())
+        return h.hexdigest()
+
     def subset(self, idx: list[int]) -> "Encoded":
         return Encoded(
             [self.input_ids[i] for i in idx],
@@ -63,28 +73,15 @@ class Encoded:
         )
 
 
-@dataclass
-class PreparedData:
-    train: TextSet
-    validation: TextSet
-    test: TextSet
-    labels: list[str]
-    multi_label: bool
-
-
-@TASKS.register("text-classification")
-class TextClassification:
+class TextClassification(ClassificationTask):
     name = "text-classification"
 
-    def __init__(self, config: Config):
-        self.config = config
-        self.tokenizer: Any = None
-        self.labels: list[str] = []
-        self.multi_label = False
-        self._prepared: PreparedData | None = None
+    def __init__(self, config: "Config"):
+        super().__init__(config)
+        self._prepared: Prepared | None = None
 
     # -- data ---------------------------------------------------------------------------------
-    def load_data(self) -> PreparedData:
+    def load_data(self) -> Prepared:
         """The data `validate` read and checked (validated now if it was not)."""
         if self._prepared is None:
             rep = self.validate()
@@ -116,7 +113,7 @@ class TextClassification:
         rep.check_rows()
         if rep.ok:
             self.labels, self.multi_label = names, multi
-            self._prepared = PreparedData(sets["train"], sets["validation"], sets["test"], names, multi)
+            self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], names, multi)
         return rep
 
     def load_replay(self, path: str) -> TextSet:
@@ -126,7 +123,7 @@ class TextClassification:
         return s
 
     # -- model --------------------------------------------------------------------------------
-    def load_tokenizer(self, resolved: ResolvedModel) -> Any:
+    def load_tokenizer(self, resolved: "ResolvedModel") -> Any:
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
@@ -137,7 +134,7 @@ class TextClassification:
                 raise UserError(f"cannot load the tokenizer of '{resolved.spec}' from {resolved.path}: {str(e).splitlines()[0]}") from None
         return self.tokenizer
 
-    def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:
+    def load_model(self, resolved: "ResolvedModel") -> tuple[nn.Module, list[str], list[str]]:
         """The backbone with a new head; returns (model, head parameter names, discarded keys)."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
@@ -174,6 +171,20 @@ class TextClassification:
             head = [n for n, _ in model.named_parameters() if n.startswith(_classifier_prefix(model))]
         return model, head, discarded
 
+    # -- a finished run ------------------------------------------------------------------------
+    def load_trained(self, model_dir: Path) -> nn.Module:
+        from tunesmith.predict import TextClassifier
+
+        clf = TextClassifier(model_dir, device="cpu")
+        self.tokenizer, self.labels, self.multi_label = clf.tokenizer, clf.labels, clf.multi_label
+        return clf.model
+
+    def read_eval_set(self, path: str) -> Encoded:
+        d = self.config.data.model_copy(update={"train": path, "validation": None, "test": None, "max_rows": None})
+        s = read_text_set(path, d, "evaluation")
+        check_known_labels(s, self.labels, self.multi_label)
+        return self.encode(s)
+
     # -- batches ------------------------------------------------------------------------------
     def encode(self, s: TextSet) -> Encoded:
         max_length = self.config.train.max_length
@@ -202,9 +213,7 @@ class TextClassification:
             return t
         return torch.tensor([index[l] for l in labels], dtype=torch.long)
 
-    def collate(self, enc: Encoded | Features, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
-        if isinstance(enc, Features):
-            return enc.collate(idx)
+    def collate(self, enc: Encoded, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
         batch = pad_batch(
             [enc.input_ids[i] for i in idx],
             self.tokenizer.pad_token_id or 0,
@@ -227,52 +236,20 @@ class TextClassification:
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_logits(
-        self, model: nn.Module, enc: Encoded, batch_size: int, device: torch.device, *,
-        autocast: torch.dtype | None = None, rank: int = 0, world: int = 1, want_features: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits in the original row order (and mean-pooled last hidden states if asked).
-
-        For cached `Features` the model is the head alone, and the features are the features.
-        """
+    def predict(self, model: nn.Module, enc: Encoded, acc: Accumulator, rt: Runtime, features: bool = False) -> None:
+        """Logits of this process's rows (and their mean-pooled last hidden states if asked)."""
         was_training = model.training
-        if isinstance(enc, Features):
-            model.eval()
-            logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
-            if rank == 0:  # the head is cheap: one process computes all rows (the loop sums over processes)
-                for i in range(0, len(enc), batch_size):
-                    x = enc.features[i : i + batch_size].to(device)
-                    logits[i : i + len(x)] = model(features=x).logits.float().cpu().numpy()
-            model.train(was_training)
-            return logits, enc.features.numpy() if want_features else None
         model.eval()
-        logits = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
-        feats = None
-        batches = make_batches(enc.lengths, batch_size, seed=0, epoch=0, shuffle=False)
-        for b in batches:
-            b = shard(b, rank, world)
+        for b in make_batches(enc.lengths, rt.batch_size, seed=0, epoch=0, shuffle=False):
+            b = shard(b, rt.rank, rt.world)
             if not b:
                 continue
-            batch = {k: v.to(device) for k, v in self.collate(enc, b).items() if k != "labels"}
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = model(**batch, output_hidden_states=want_features)
-            logits[b] = out.logits.float().cpu().numpy()
-            if want_features:
-                pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy()
-                if feats is None:
-                    feats = np.zeros((len(enc), pooled.shape[1]), dtype=np.float32)
-                feats[b] = pooled
+            batch = {k: v.to(rt.device) for k, v in self.collate(enc, b).items() if k != "labels"}
+            with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
+                out = model(**batch, output_hidden_states=features)
+            pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy() if features else None
+            acc.update(b, out.logits.float().cpu().numpy(), pooled)
         model.train(was_training)
-        return logits, feats
-
-    def metrics(self, logits: np.ndarray, labels: torch.Tensor) -> dict[str, Any]:
-        from tunesmith.metrics import classification_metrics
-
-        return classification_metrics(logits, labels.numpy(), self.labels, self.multi_label)
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
 
 
 def _classifier_prefix(model: nn.Module) -> str:
