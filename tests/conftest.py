@@ -96,7 +96,7 @@ def make_config(tiny_model_dir, data_dir, tmp_path):
             "model": str(tiny_model_dir),
             "data": {k: str(data_dir / f"{k}.csv") for k in ("train", "validation", "test")},
             "strategy": {"name": "full"},
-            "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0},
+            "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0, "min_steps": 0},
             # fp32 everywhere: exact comparisons must not depend on whether this CPU has fast bf16
             "train": {"max_length": 32, "seed": 0, "log_every": 1, "precision": "fp32"},
             "eval": {"linear_probe": False},
@@ -177,7 +177,7 @@ def make_lm_config(tiny_llama_dir, lm_data_dir, tmp_path):
             "model": str(tiny_llama_dir),
             "data": {k: str(lm_data_dir / f"{k}.jsonl") for k in ("train", "validation", "test")},
             "strategy": {"name": "full"},
-            "optim": {"lr": 3e-3, "batch_size": 4, "epochs": 3, "warmup": 0},
+            "optim": {"lr": 3e-3, "batch_size": 4, "epochs": 3, "warmup": 0, "min_steps": 0},
             "train": {"max_length": 64, "seed": 0, "log_every": 1, "precision": "fp32"},
             "lm": {"forgetting": None, "max_new_tokens": 24},
             "output_dir": str(tmp_path / "lmrun"),

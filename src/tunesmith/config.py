@@ -156,7 +156,15 @@ class OptimConfig(_Section):
         return self.lr if isinstance(self.lr, float) else None
 
     batch_size: int = Field(32, gt=0, description="Global batch size (all processes together, before accumulation).")
-    epochs: int = Field(3, gt=0, description="Passes over the training data.")
+    epochs: int = Field(3, gt=0, description="Passes over the training data (raised on small data to reach optim.min_steps).")
+    min_steps: int = Field(
+        150, ge=0, description="Train at least this many optimizer steps: on small data the epochs are raised to reach it (few-sample "
+        "fine-tuning fails from too few updates: Mosbach et al. 2021, Zhang et al. 2021); the best validation weights are kept. 0 = off."
+    )
+    head_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the new head when more than the head trains (full, freeze, gradual-unfreeze, lora); "
+        "null: the task's default (classifiers: 1e-3) or optim.lr if higher. A fresh head at the backbone's 2e-5 barely leaves its random start."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
     warmup: float = Field(0.06, ge=0, description="Linear warmup: a fraction of all steps if < 1, else a number of steps.")
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"] = Field(
@@ -190,6 +198,10 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass instead of storing them: less memory, about a third slower."
+    )
+    class_weights: Literal["auto", "balanced", "none"] = Field(
+        "auto", description="Single-label classifiers: 'balanced' weighs each class's loss by n_rows / (n_classes * class_rows) "
+        "(scikit-learn's rule); 'auto' does so when the largest training class has 3x the rows of the smallest or more."
     )
     max_bad_steps: int = Field(
         5, ge=1, description="A step whose gradient is NaN/inf is skipped and counted; this many in a row stop the run."

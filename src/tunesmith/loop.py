@@ -254,7 +254,7 @@ class Recipe:
         self.groups = strategy.apply(self.parts)
         model = self.parts.model  # LoRA wraps the model
         self.may_train = {id(p) for g in self.groups for _, p in g.params}
-        self.lr = stage.lr or cfg.optim.fixed_lr() or strategy.default_lr
+        self.lr = stage.lr or cfg.optim.fixed_lr() or self.task.strategy_lr.get(strategy.name) or strategy.default_lr
         trainable, frozen = self.stage_counts = count_params(model)
         self.console.print(f"strategy: {strategy.name}; parameters: {trainable:,} trainable, {frozen:,} frozen")
         self.console.print(param_table(self.groups, self.lr))
@@ -334,13 +334,11 @@ class Recipe:
     def build_optimizer(self) -> None:
         """AdamW and the schedule from the strategy's groups; a resumed run gets its saved state back."""
         cfg = self.cfg
-        epochs = self.stage.epochs or cfg.optim.epochs
-        batches_per_epoch = math.ceil(len(self.view.enc["train"]) / cfg.optim.batch_size)
-        self.total_steps = math.ceil(batches_per_epoch / cfg.optim.grad_accum) * epochs
-        if cfg.optim.max_steps:
-            self.total_steps = min(self.total_steps, cfg.optim.max_steps)
-        self.epochs = epochs
-        self.optimizer = build_optimizer(self.groups, cfg.optim, self.lr)
+        self.epochs, self.total_steps = self.budget()
+        # a new head beside pre-trained weights gets its own, higher rate (alone, it has the stage's rate)
+        beside = any(g.params for g in self.groups if g.name != "head")
+        head_lr = (cfg.optim.head_lr or max(self.task.head_lr or 0.0, self.lr)) if beside else None
+        self.optimizer = build_optimizer(self.groups, cfg.optim, self.lr, head_lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.ev.setdefault("optimizer", []).append({
             "stage": self.state.stage, "strategy": self.stage.strategy.name, "lr": self.lr, "steps": self.total_steps,
@@ -358,6 +356,19 @@ class Recipe:
         self.stage.first_step = self.state.step
         self.restore_checkpoint()
         self.last_step = self.stage.first_step + self.total_steps  # the step count runs on across stages
+
+    def budget(self) -> tuple[int, int]:
+        """(epochs, optimizer steps) of this stage: epochs raised on small data until optim.min_steps is reached."""
+        o = self.cfg.optim
+        steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / o.batch_size) / o.grad_accum)
+        epochs = self.stage.epochs or o.epochs
+        if not self.stage.epochs and o.min_steps and steps_per_epoch * epochs < o.min_steps:
+            more = math.ceil(o.min_steps / steps_per_epoch)
+            self.console.print(f"budget: {epochs} epoch(s) x {steps_per_epoch} steps < optim.min_steps={o.min_steps}: "
+                               f"{more} epochs, the best validation weights kept (optim.min_steps=0: as configured)")
+            epochs = more
+        total = steps_per_epoch * epochs
+        return epochs, min(total, o.max_steps) if o.max_steps else total
 
     def restore_checkpoint(self) -> None:
         if self.resume_from is None or self.saved.get("stage", 0) != self.state.stage:
@@ -645,6 +656,7 @@ class Recipe:
         trained = self.accelerator.unwrap_model(self.train_model)
         trained.eval()
         self.whole_model().eval()
+        ev["validation_best"] = {self.cfg.train.metric: s.best_metric, "step": s.best_step} if s.best_metric is not None else None
         ev.update(self.view.task.final(trained, self.view.enc, self.rt, ev))
         moved = self.stage.strategy.moved() or (self.anchor.moved() if self.anchor is not None else None)
         if moved:
@@ -669,7 +681,6 @@ class Recipe:
         ev["parameters"] = {"trainable": trainable, "frozen": frozen, "trainable_at_end": count_params(trained)[0]}
         if self.view.info is not None:
             ev["features"] = self.view.info
-        ev["validation_best"] = {self.cfg.train.metric: s.best_metric, "step": s.best_step} if s.best_metric is not None else None
 
     # -- artifacts ----------------------------------------------------------------------------------
     def save(self) -> None:

@@ -68,26 +68,30 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: list[s
 
 
 def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+    train_x: np.ndarray, train_y: np.ndarray, evaluate_on: list[tuple[np.ndarray, np.ndarray]],
     names: list[str], multi_label: bool, seed: int = 0,
-) -> dict[str, Any]:
-    """Logistic regression on frozen features: what the pre-trained representation gives for free."""
+) -> list[dict[str, Any]]:
+    """Logistic regression on frozen features: what the pre-trained representation gives for free.
+    Fitted once on the training features; metrics on each (features, labels) set of `evaluate_on`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
-    tx, vx = scaler.transform(train_x), scaler.transform(test_x)
+    tx = scaler.transform(train_x)
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-    if multi_label:
-        clf = OneVsRestClassifier(clf).fit(tx, train_y.astype(int))
-        logits = clf.decision_function(vx)
-    else:
-        present = np.unique(train_y)
-        clf.fit(tx, train_y)
-        scores = clf.decision_function(vx)
-        if scores.ndim == 1:  # binary: sklearn returns one score for the positive class
-            scores = np.stack([-scores / 2, scores / 2], axis=1)
-        logits = np.full((len(vx), len(names)), -1e9)
-        logits[:, present] = scores
-    return classification_metrics(np.asarray(logits), test_y, names, multi_label)
+    present = np.unique(train_y)
+    clf = OneVsRestClassifier(clf).fit(tx, train_y.astype(int)) if multi_label else clf.fit(tx, train_y)
+    out = []
+    for x, y in evaluate_on:
+        vx = scaler.transform(x)
+        if multi_label:
+            logits = clf.decision_function(vx)
+        else:
+            scores = clf.decision_function(vx)
+            if scores.ndim == 1:  # binary: sklearn returns one score for the positive class
+                scores = np.stack([-scores / 2, scores / 2], axis=1)
+            logits = np.full((len(vx), len(names)), -1e9)
+            logits[:, present] = scores
+        out.append(classification_metrics(np.asarray(logits), y, names, multi_label))
+    return out

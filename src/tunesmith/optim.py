@@ -22,16 +22,18 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
 
 
-def build_optimizer(groups: list["ParamGroup"], cfg: "OptimConfig", lr: float) -> torch.optim.AdamW:
+def build_optimizer(groups: list["ParamGroup"], cfg: "OptimConfig", lr: float, head_lr: float | None = None) -> torch.optim.AdamW:
+    """`head_lr`: the rate of the group named "head" (a new head training beside pre-trained weights)."""
     torch_groups = []
     for g in groups:
+        group_lr = head_lr if head_lr is not None and g.name == "head" else lr * g.lr_scale
         # Every parameter a strategy lists, frozen or not: gradual unfreezing turns some on later,
         # and AdamW skips parameters without a gradient.
         decay = [p for n, p in g.params if not _no_decay(n, p)]
         plain = [p for n, p in g.params if _no_decay(n, p)]
         for params, wd in ((decay, cfg.weight_decay), (plain, 0.0)):
             if params:
-                torch_groups.append({"params": params, "lr": lr * g.lr_scale, "weight_decay": wd, "name": g.name})
+                torch_groups.append({"params": params, "lr": group_lr, "weight_decay": wd, "name": g.name})
     # fused AdamW: one kernel over all tensors (CPU and CUDA) instead of a loop of small ops.
     return torch.optim.AdamW(torch_groups, lr=lr, betas=cfg.betas, fused=True)
 

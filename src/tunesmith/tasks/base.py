@@ -113,6 +113,8 @@ class Task:
     # `auto` for this task needs no measurement: (strategy, reason); None: decided from the model and data
     auto_choice: ClassVar[tuple[str, str] | None] = None
     new_head: ClassVar[bool] = True  # the model gets a freshly initialised head (strategies may need one)
+    head_lr: ClassVar[float | None] = None  # the new head's rate when more than the head trains (optim.head_lr)
+    strategy_lr: ClassVar[dict[str, float]] = {}  # this task's default rates by strategy, where they differ from the strategy's
     refuses: ClassVar[dict[str, str]] = {}  # strategy name -> the whole error message
 
     def __init__(self, config: "Config"):

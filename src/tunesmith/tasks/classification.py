@@ -7,6 +7,7 @@ and `after`, from the same evaluation pass as `before`.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,10 +17,40 @@ from torch import nn
 from tunesmith.tasks.base import Accumulator, Runtime, Task
 
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
+WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
 
 
 class ClassificationTask(Task):
     metrics_better: ClassVar[dict[str, str]] = {"accuracy": "max", "macro_f1": "max", "micro_f1": "max", "loss": "min"}
+    head_lr: ClassVar[float | None] = 1e-3
+    class_weight: torch.Tensor | None = None  # per-class loss weights (train.class_weights), or None
+    class_weight_note: str = ""
+
+    # -- class imbalance ----------------------------------------------------------------------
+    def set_class_weights(self, train_labels: list[Any]) -> None:
+        """Per-class loss weights n / (k * n_c) (scikit-learn's 'balanced'), when train.class_weights asks."""
+        self.class_weight, self.class_weight_note = None, ""
+        mode = self.config.train.class_weights
+        if self.multi_label or mode == "none" or not self.labels:
+            return
+        counts = Counter(train_labels)
+        rows = [counts.get(label, 0) for label in self.labels]
+        ratio = max(rows) / max(min(rows), 1)
+        if mode == "auto" and ratio < WEIGH_FROM:
+            return
+        n = sum(rows)
+        self.class_weight = torch.tensor([n / (len(rows) * max(r, 1)) for r in rows], dtype=torch.float32)
+        why = f"largest class {ratio:.1f}x the smallest" + (f" (>= {WEIGH_FROM:g}: train.class_weights=auto)" if mode == "auto" else "")
+        self.class_weight_note = (f"class weights: balanced, {why}: "
+                                  + ", ".join(f"{l} {w:.2f}" for l, w in zip(self.labels[:8], self.class_weight.tolist()))
+                                  + (" ..." if len(self.labels) > 8 else ""))
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, **kw: Any) -> torch.Tensor:
+        weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
+        return nn.functional.cross_entropy(logits.float(), labels, weight=weight, **kw)
+
+    def describe(self, enc: dict[str, Any]) -> list[str]:
+        return super().describe(enc) + ([self.class_weight_note] if self.class_weight_note else [])
 
     def metrics(self, logits: np.ndarray, labels: torch.Tensor) -> dict[str, Any]:
         from tunesmith.metrics import classification_metrics
@@ -30,15 +61,19 @@ class ClassificationTask(Task):
         return Accumulator(len(enc), len(self.labels), lambda logits: self.metrics(logits, enc.labels))
 
     def baseline(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> dict[str, Any]:
-        """The starting model (its new head) on test and, from the same pass, the linear probe."""
+        """The starting model (its new head) on test and, from the same pass, the linear probe; both on
+        validation too, where the guard after training compares them with the fine-tuned model."""
         probe = self.config.eval.linear_probe
         before, test_feats = self.evaluate(model, enc["test"], rt, features=probe)
-        out: dict[str, Any] = {"before": before}
+        start_val, val_feats = self.evaluate(model, enc["validation"], rt, features=probe)
+        out: dict[str, Any] = {"before": before, "baseline_validation": {"before": _scalars(start_val)}}
         if probe:
-            out["linear_probe"] = self.linear_probe(model, enc["train"], enc["test"], test_feats, rt)
+            out["linear_probe"] = self.linear_probe(model, enc["train"], (test_feats, enc["test"]), (val_feats, enc["validation"]), rt)
+            out["baseline_validation"]["linear_probe"] = out["linear_probe"].pop("validation")
         return out
 
-    def linear_probe(self, model: nn.Module, train: Any, test: Any, test_feats: np.ndarray, rt: Runtime) -> dict[str, Any]:
+    def linear_probe(self, model: nn.Module, train: Any, test: tuple[np.ndarray, Any], validation: tuple[np.ndarray, Any],
+                     rt: Runtime) -> dict[str, Any]:
         from tunesmith.metrics import linear_probe
 
         sub = list(range(len(train)))
@@ -46,12 +81,43 @@ class ClassificationTask(Task):
             sub = sorted(np.random.default_rng(rt.seed).choice(len(sub), PROBE_MAX_ROWS, replace=False).tolist())
         train_sub = train.subset(sub)
         _, train_feats = self.evaluate(model, train_sub, rt.alone(), features=True)  # every process fits the same probe
-        m = linear_probe(train_feats, train_sub.labels.numpy(), test_feats, test.labels.numpy(),
-                         self.labels, self.multi_label, rt.seed)
+        (m, m_val) = linear_probe(train_feats, train_sub.labels.numpy(), [(x, s.labels.numpy()) for x, s in (test, validation)],
+                                  self.labels, self.multi_label, rt.seed)
         m["train_rows"] = len(sub)
+        m["validation"] = _scalars(m_val)
         return m
+
+    def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
+        out = super().final(model, enc, rt, ev)
+        guard = self.guard(ev)
+        if guard is not None:
+            out["guard"] = guard
+            if guard["worse"]:
+                rt.print(f"[yellow]warning: {guard['message']}[/yellow]")
+        return out
+
+    def guard(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        """Is the fine-tuned model (its best validation score) worse than the better of the starting model and
+        the linear probe, on validation? The choice is made on validation, never on the test set."""
+        metric, tuned = self.config.train.metric, (ev.get("validation_best") or {})
+        baselines = {k: v[metric] for k, v in (ev.get("baseline_validation") or {}).items() if metric in v}
+        if metric not in tuned or not baselines:
+            return None
+        best_name = max(baselines, key=lambda k: baselines[k]) if self.metrics_better[metric] == "max" else min(baselines, key=baselines.get)
+        best = baselines[best_name]
+        worse = self.better(metric, best, tuned[metric]) and best != tuned[metric]
+        shown = {"before": "the starting model", "linear_probe": "the linear probe"}[best_name]
+        message = (f"the fine-tuned model is worse on validation than {shown}: {metric} {tuned[metric]:.4f} against "
+                   f"{best:.4f}; try strategy feature-extraction (it trains the head on the same frozen features), "
+                   "more steps (optim.min_steps) or another learning rate (tunesmith lr-find)") if worse else ""
+        return {"metric": metric, "tuned": tuned[metric], "baselines": baselines, "best_baseline": best_name,
+                "worse": worse, "message": message}
 
     def summary(self, ev: dict[str, Any]) -> list[Any]:
         from tunesmith.report import per_class_table
 
         return [per_class_table(ev["after"])] if self.labels and len(self.labels) <= 30 else []
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if isinstance(v, float)}

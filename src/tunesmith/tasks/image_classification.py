@@ -157,6 +157,7 @@ class ImageClassification(ClassificationTask):
         if rep.ok:
             self.labels = names
             self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], names)
+            self.set_class_weights(sets["train"].labels)
         return rep
 
     def _read(self, path: str, split: str) -> ImageSet:
@@ -269,7 +270,7 @@ class ImageClassification(ClassificationTask):
         if soft is not None:
             loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.config.image.label_smoothing)
+            loss = self.cross_entropy(logits, labels, label_smoothing=self.config.image.label_smoothing)
         return {"loss": loss, "logits": logits}
 
     # -- evaluation ---------------------------------------------------------------------------

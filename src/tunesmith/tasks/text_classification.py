@@ -114,6 +114,7 @@ class TextClassification(ClassificationTask):
         if rep.ok:
             self.labels, self.multi_label = names, multi
             self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], names, multi)
+            self.set_class_weights(sets["train"].labels)
         return rep
 
     def load_replay(self, path: str) -> TextSet:
@@ -231,7 +232,7 @@ class TextClassification(ClassificationTask):
         if self.multi_label:
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
         else:
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss = self.cross_entropy(logits, labels)
         return {"loss": loss, "logits": logits}
 
     # -- evaluation ---------------------------------------------------------------------------
