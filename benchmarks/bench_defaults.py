@@ -21,7 +21,6 @@ backbone's rate, no class weights) for comparison. Prints one JSON line per run 
 from __future__ import annotations
 
 import argparse
-import bz2
 import csv
 import gzip
 import io

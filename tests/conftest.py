@@ -95,7 +95,8 @@ def make_config(tiny_model_dir, data_dir, tmp_path):
             "task": "text-classification",
             "model": str(tiny_model_dir),
             "data": {k: str(data_dir / f"{k}.csv") for k in ("train", "validation", "test")},
-            "strategy": {"name": "full"},
+            # lp_ft off: these tests pin one stage's exact behaviour; tests/test_defaults.py covers LP-FT
+            "strategy": {"name": "full", "lp_ft": False},
             "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0, "min_steps": 0},
             # fp32 everywhere: exact comparisons must not depend on whether this CPU has fast bf16
             "train": {"max_length": 32, "seed": 0, "log_every": 1, "precision": "fp32"},

@@ -71,3 +71,22 @@ def test_the_guard_says_when_fine_tuning_ends_below_the_linear_probe(make_config
     assert "warning: the fine-tuned model is worse on validation than the linear probe: macro_f1" in out
     good = tunesmith.train(make_config(optim={"epochs": 10}, eval={"linear_probe": True}, overwrite=True), quiet=True).eval
     assert not good["guard"]["worse"] and good["guard"]["message"] == "", good["guard"]
+
+
+@pytest.mark.parametrize("strategy", [{"name": "full"}, {"name": "lora"}])
+def test_lp_ft_fits_the_head_on_cached_features_first_and_keeps_the_better_stage(make_config, strategy, capsys):
+    """LP-FT by default: a linear-probe stage (feature-extraction, the head's own input cached) then the
+    strategy, each with its own rate; the fine-tuned stage stays only if it beats the probe on validation."""
+    import json
+
+    res = tunesmith.train(make_config(strategy={**strategy, "lp_ft": True}, optim={"epochs": 4}))
+    ev, out = res.eval, capsys.readouterr().out
+    assert "stage 1/2: linear probe" in out and "stage 2/2: fine-tune" in out
+    assert [o["strategy"] for o in ev["optimizer"]] == ["feature-extraction", strategy["name"]]
+    assert ev["optimizer"][0]["lr"] == 1e-2 and ev["features"]["pooling"] == "head"
+    evals = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    probe_best = max(e["macro_f1"] for e in evals if e["step"] <= ev["optimizer"][0]["steps"])
+    assert ev["validation_best"]["macro_f1"] >= probe_best  # never below its own probe stage on validation
+    if strategy["name"] == "full":  # the tiny random model gives LoRA and a probe nothing to work with
+        assert ev["after"]["accuracy"] > ev["before"]["accuracy"]
+    assert (res.run_dir / "model" / "model.safetensors").exists()

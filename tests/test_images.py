@@ -50,7 +50,8 @@ def config(tiny_timm_dir, images, tmp_path, **sections):
     cfg = {"task": "image-classification", "model": str(tiny_timm_dir), "output_dir": str(tmp_path / "run"),
            "data": {"train": str(images / "train"), "test": str(images / "test")},
            "optim": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "min_steps": 0}, "image": {"size": 48},
-           "train": {"log_every": 1, "precision": "fp32"}, "eval": {"linear_probe": False}}
+           "train": {"log_every": 1, "precision": "fp32"}, "eval": {"linear_probe": False},
+           "strategy": {"lp_ft": False}}  # one stage's exact behaviour; tests/test_defaults.py covers LP-FT
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg

@@ -139,7 +139,7 @@ class Everything(BaseStrategy):
 class HeadThenAll(BaseStrategy):
     name = "toy-head-then-all"
 
-    def stages(self) -> list[Stage]:
+    def stages(self, task) -> list[Stage]:
         return [Stage(HeadFirst(self.config), epochs=2), Stage(Everything(self.config), epochs=3)]
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:  # pragma: no cover - its stages do the work

@@ -45,3 +45,33 @@ def test_pooling_only_with_feature_extraction():
     with pytest.raises(UserError, match="strategy.pooling applies to strategy 'feature-extraction', not 'full'"):
         load_config({"task": "text-classification", "model": "m", "data": {"train": "t.csv"},
                      "strategy": {"name": "full", "pooling": "mean"}})
+
+
+@pytest.mark.parametrize("strategy", [{"name": "full"}, {"name": "lora"}])
+def test_every_strategy_classifies_from_the_mean_token_and_plain_transformers_loads_it(make_config, st_model_dir, data_dir, strategy):
+    """A sentence-transformers model's classifier reads the masked mean of the last hidden states in
+    every strategy; the export reloads with tunesmith.load, and with plain transformers by the loader
+    docs/strategies.md shows (the encoder, the mean, the classifier's two tensors)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    res = tunesmith.train(make_config(model=str(st_model_dir), strategy=strategy, optim={"epochs": 6}), quiet=True)
+    model_dir = res.run_dir / "model"
+    assert json.loads((model_dir / "config.json").read_text())["tunesmith_head"] == {"pooling": "mean", "pooler": "masked-mean"}
+    texts = [l.split(",")[0] for l in (data_dir / "test.csv").read_text().splitlines()[1:]]
+    # the documented loader, plain transformers and safetensors:
+    tok, encoder = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    weights = load_file(str(model_dir / "model.safetensors"))
+    batch = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    plain = ((hidden * mask).sum(1) / mask.sum(1)) @ weights["classifier.weight"].T + weights["classifier.bias"]
+    np.testing.assert_allclose(tunesmith.load(res.run_dir).logits(texts), plain.numpy(), atol=1e-5, rtol=0)
+    rows = [l.split(",") for l in (data_dir / "test.csv").read_text().splitlines()[1:]]
+    y = np.array([res.eval["labels"].index(l) for _, l in rows])
+    from tunesmith.metrics import classification_metrics
+
+    m = classification_metrics(plain.numpy(), y, res.eval["labels"], False)
+    assert m["loss"] == pytest.approx(res.eval["after"]["loss"], abs=1e-5)

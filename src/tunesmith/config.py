@@ -61,6 +61,11 @@ class StrategyConfig(_Section):
     )
     replay: ReplayConfig | None = Field(None, description="Forgetting guard: mix general-domain examples into every batch.")
     reason: str | None = Field(None, description="Set by `auto`: why it chose this strategy (recorded in the run's config.yaml).")
+    lp_ft: bool = Field(
+        True, description="Classifiers with full, freeze, gradual-unfreeze or lora: fit the new head on cached frozen features first, "
+        "then train as the strategy says (LP-FT, Kumar et al. 2022: a random head distorts the features it is trained with); "
+        "the fine-tuned stage is kept only if it beats the probe stage on validation."
+    )
 
     @field_validator("name")
     @classmethod

@@ -148,6 +148,8 @@ class Recipe:
         self.rng_to_restore: tuple[Any, Any] | None = None  # a resumed run's RNG state, set when fitting starts
         self.pending_replay: dict[str, Any] | None = None  # a resumed run's replay sampler, for its first epoch
         self.t0: float | None = None  # start of the timed segment of training in progress
+        # (best validation value, its step, the weights) of the stage before this one, to keep if it was better
+        self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
         self.opened = False
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -156,8 +158,11 @@ class Recipe:
         self.prepare_data()
         self.prepare_model()
         resume_stage = self.state.stage
+        stages = self.strategy.stages(self.task)
         with self.signals():
-            for i, stage in enumerate(self.strategy.stages()):
+            for i, stage in enumerate(stages):
+                if len(stages) > 1:
+                    self.console.print(f"stage {i + 1}/{len(stages)}: {stage.role or stage.strategy.name}")
                 self.begin_stage(stage)
                 if i < resume_stage:  # resuming a later stage: this one's structure (a LoRA wrap) is enough
                     continue
@@ -168,6 +173,7 @@ class Recipe:
                 self.build_optimizer()
                 self.fit()
                 self.restore_best()
+                self.keep_better_stage()
         self.final_evaluation()
         self.save()
         return RunResult(self.out, self.cfg, self.ev, self.whole_model())
@@ -179,7 +185,7 @@ class Recipe:
         set_seed(self.cfg.train.seed)
         self.prepare_data()
         self.prepare_model()
-        self.begin_stage(self.strategy.stages()[0], lr_find_png=png)
+        self.begin_stage(self.strategy.stages(self.task)[-1], lr_find_png=png)  # the rate of the stage that fine-tunes
         return self.found
 
     # -- prepare: data, then model -----------------------------------------------------------------
@@ -268,6 +274,8 @@ class Recipe:
         if strategy.trains_backbone:
             self.anchor = anchor_for(self.parts, self.may_train, bool(cfg.strategy.l2sp), self.resolved.path)
         self.view = strategy.training_view(self.task, model, self.enc, self.rt)
+        if self.view.info is not None:
+            self.ev["features"] = self.view.info
         self.train_enc = self.view.enc["train"]
         if self.replay is not None:  # replay rows sit after the training rows
             self.train_enc = self.train_enc.concat(self.task.encode(self.replay))
@@ -277,6 +285,8 @@ class Recipe:
     def choose_lr(self, lr_find_png: Path | None) -> None:
         """The stage's rate: fixed, the one a resumed run started with, or from the range test."""
         self.found = None
+        if self.stage.lr is not None:  # the stage sets its own
+            return
         if self.resume_from is not None:
             self.lr, self.found = self.saved["lr"], self.saved.get("lr_find")
         elif self.cfg.optim.lr == "find" or lr_find_png is not None:
@@ -327,6 +337,8 @@ class Recipe:
     def start_stage_state(self, i: int) -> None:
         """Counters that belong to one stage start afresh (the step count runs on across stages)."""
         s = self.state
+        # a later stage must beat the one before on validation to be kept: remember where it starts
+        self.previous = (s.best_metric, s.best_step, self.snapshot() if i > 0 and s.best_metric is not None else None)
         s.stage, s.epoch, s.window, s.replay = i, 1, 0, None
         s.best_metric, s.best_step, s.evals_without_gain, s.stop, s.stopped_early = None, 0, 0, False, False
         self.best_state = None
@@ -647,6 +659,28 @@ class Recipe:
             self.console.print(f"restored the best weights (step {s.best_step}, validation {self.cfg.train.metric} "
                                f"{s.best_metric:.4f})")
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and floating buffer (batch-norm statistics move in training too)."""
+        model = self.view.model  # this stage's model (stage set-up has run; the optimizer may not have)
+        return {**{n: b for n, b in model.named_buffers() if b.is_floating_point()}, **dict(model.named_parameters())}
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors().items()}
+
+    def keep_better_stage(self) -> None:
+        """When a stage ends below the stage before it on validation, the model goes back to where it began."""
+        s, metric = self.state, self.cfg.train.metric
+        best, step, start = self.previous
+        if start is None or s.best_metric is None or not self.task.better(metric, best, s.best_metric) or best == s.best_metric:
+            return
+        with torch.no_grad():
+            for n, t in self.state_tensors().items():
+                if n in start:
+                    t.copy_(start[n].to(t.device))
+        self.console.print(f"kept the previous stage: its validation {metric} {best:.4f} beats this stage's {s.best_metric:.4f}")
+        self.ev["kept_stage"] = {"stage": s.stage - 1, metric: best, "instead_of": s.best_metric}
+        s.best_metric, s.best_step = best, step
+
     def whole_model(self) -> nn.Module:
         """The model with its head (under feature extraction the loop trained the head alone)."""
         return self.parts.model
@@ -679,8 +713,6 @@ class Recipe:
         ev.update(labels=self.data.labels, task=self.cfg.task, strategy=self.stage.strategy.name, model=self.cfg.model,
                   strategy_reason=self.cfg.strategy.reason)
         ev["parameters"] = {"trainable": trainable, "frozen": frozen, "trainable_at_end": count_params(trained)[0]}
-        if self.view.info is not None:
-            ev["features"] = self.view.info
 
     # -- artifacts ----------------------------------------------------------------------------------
     def save(self) -> None:

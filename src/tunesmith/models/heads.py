@@ -31,6 +31,38 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+class MaskedMeanPooler(nn.Module):
+    """In place of a BERT-style pooler: the attention-masked mean of the last hidden states, what a
+    sentence-transformers model was trained to produce (its CLS pooler never was). The mask comes
+    from a pre-hook on the encoder, so the model keeps its class, parameter names, LoRA targets and
+    layer groups; only the pooler's two tensors are gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask if self.mask is not None else torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        return mean_pool(hidden_states, mask)
+
+
+def use_mean_pooling(model: nn.Module) -> bool:
+    """Make a sequence classifier whose head reads the encoder's pooler read the mean of the last
+    hidden states instead (recorded in config.tunesmith_head); False when the model has no such pooler."""
+    base = getattr(model, "base_model", None)
+    if base is None or not isinstance(getattr(base, "pooler", None), nn.Module):
+        return False
+    pooler = MaskedMeanPooler()
+    base.pooler = pooler
+
+    def keep_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    base.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    model.config.tunesmith_head = {**(getattr(model.config, "tunesmith_head", None) or {}), "pooling": "mean", "pooler": "masked-mean"}
+    return True
+
+
 def sentence_transformers_pooling(model_dir: Path) -> str | None:
     """'mean' when the directory's sentence-transformers pooling config says mean tokens."""
     cfg = Path(model_dir) / "1_Pooling" / "config.json"
@@ -48,6 +80,11 @@ def restore_custom_head(model: nn.Module, model_dir: Path) -> nn.Module:
     spec = getattr(model.config, "tunesmith_head", None)
     if not spec:
         return model
+    in_model = spec.get("pooler") == "masked-mean"
+    if in_model:  # the model mean-pools itself (every strategy on a sentence-transformers model)
+        use_mean_pooling(model)
+    if "module" not in spec:
+        return model
     from safetensors.torch import load_file
 
     old = model.get_submodule(spec["module"])
@@ -59,7 +96,7 @@ def restore_custom_head(model: nn.Module, model_dir: Path) -> nn.Module:
     mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     mlp.train(old.training)
     del old
-    return MeanPooled(model, mlp) if spec.get("pooling") == "mean" else model
+    return MeanPooled(model, mlp) if spec.get("pooling") == "mean" and not in_model else model
 
 
 class MeanPooled(nn.Module):

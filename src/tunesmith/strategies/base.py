@@ -103,6 +103,7 @@ class Stage:
     strategy: "BaseStrategy"
     epochs: int | None = None  # None: optim.epochs
     lr: float | None = None  # None: optim.lr, else the strategy's default_lr
+    role: str = ""  # what the stage is for, shown when there are several
     first_step: int = 0  # set by the loop: the run's step count when this stage began
 
 
@@ -115,6 +116,7 @@ class BaseStrategy:
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions  # the strategy.* keys this strategy reads
     trains_backbone = True  # False: pre-trained weights never move (no l2sp, no weight-moved report)
     needs_new_head = False  # True: only for tasks whose model gets a new head (Task.new_head)
+    probe_first = False  # True: with strategy.lp_ft, a linear-probe stage on cached features comes first
     guards: ClassVar[frozenset[str]] = frozenset({"l2sp", "replay"})  # forgetting guards that make sense here
     no_guard_reason = ""  # why a guard not in `guards` does nothing with this strategy
 
@@ -130,9 +132,17 @@ class BaseStrategy:
     def check(cls, config: Any) -> None:
         """Combinations of this strategy's own options that make no sense (raise ValueError)."""
 
-    def stages(self) -> list[Stage]:
-        """What the loop trains, in order; one stage by default: this strategy for the whole budget."""
-        return [Stage(self)]
+    def stages(self, task: Any) -> list[Stage]:
+        """What the loop trains, in order: this strategy for the whole budget, after a linear-probe stage
+        (the new head alone, on cached features) where its options say lp_ft and the task has a new head."""
+        if not (self.probe_first and self.config is not None and self.config.lp_ft and task.new_head):
+            return [Stage(self)]
+        from tunesmith.registry import STRATEGIES
+
+        probe = STRATEGIES.get("feature-extraction")
+        # pooling "head": the head's own input, which the next stage's forward feeds it too
+        options = type(self.config).model_validate({"name": "feature-extraction", "pooling": "head"})
+        return [Stage(probe(options), lr=probe.default_lr, role="linear probe"), Stage(self, role="fine-tune")]
 
     def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
         """What the loop trains on; by default the task, the model and the data as they are."""

@@ -196,9 +196,11 @@ class FeatureExtraction(BaseStrategy):
         self.head_name = _head_module(model, parts.head)
         head = model.get_submodule(self.head_name)
         pooling = self.config.pooling
+        in_model = (getattr(getattr(model, "config", None), "tunesmith_head", None) or {}).get("pooler") == "masked-mean"
         if pooling == "auto":
-            pooling = sentence_transformers_pooling(Path(str(getattr(model, "name_or_path", "")))) or "head"
+            pooling = "mean" if in_model else sentence_transformers_pooling(Path(str(getattr(model, "name_or_path", "")))) or "head"
         self.pooling = pooling
+        self.capture_head_input = pooling == "head" or in_model  # the head's own input is the mean already
         spec = None
         if pooling == "mean":  # a new head on mean-pooled hidden states, in place of the model's own
             n_out = model.config.num_labels
@@ -220,7 +222,7 @@ class FeatureExtraction(BaseStrategy):
                     nn.init.zeros_(m.bias)
             parent, _, child = self.head_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-            model.config.tunesmith_head = spec
+            model.config.tunesmith_head = {**(getattr(model.config, "tunesmith_head", None) or {}), **spec}
             parts.head = [f"{self.head_name}.{n}" for n, _ in new.named_parameters()]
         freeze(list(model.named_parameters()))
         head_params = parts.params(parts.head)
@@ -242,7 +244,7 @@ class FeatureExtraction(BaseStrategy):
                 batch = {k: v.to(device) for k, v in task.collate(enc, b, train=False).items() if k != "labels"}
                 captured.clear()
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    if self.pooling == "mean":  # the backbone alone; its own pooler and head are not used
+                    if not self.capture_head_input:  # the backbone alone; its own pooler and head are not used
                         hidden = model.base_model(**batch).last_hidden_state
                         captured.append(mean_pool(hidden.float(), batch["attention_mask"]))
                     else:

@@ -29,6 +29,7 @@ class Freeze(BaseStrategy):
     default_lr = 1e-4
     description = "train the last N blocks + head (train_last_n) or freeze by name (freeze_patterns)"
     Options = FreezeOptions
+    probe_first = True
 
     @classmethod
     def check(cls, config) -> None:

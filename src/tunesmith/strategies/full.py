@@ -15,6 +15,7 @@ class Full(BaseStrategy):
     default_lr = 2e-5
     description = "every weight trains (low learning rate); layer_decay for discriminative rates"
     Options = LayerDecayOptions
+    probe_first = True
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -34,6 +34,7 @@ class GradualUnfreeze(BaseStrategy):
     default_lr = 1e-4
     description = "head first, then one more block from the top each epoch or every N steps (ULMFiT)"
     Options = GradualUnfreezeOptions
+    probe_first = True
     needs_new_head = True  # it starts from the new head alone
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:

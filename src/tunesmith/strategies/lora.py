@@ -135,6 +135,7 @@ class Lora(BaseStrategy):
     Options = LoraOptions
     trains_backbone = False
     guards = frozenset({"replay"})
+    probe_first = True
     no_guard_reason = "LoRA leaves the pre-trained weights unchanged"
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
