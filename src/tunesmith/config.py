@@ -303,8 +303,6 @@ class Config(_Section):
         if not isinstance(strategy, dict):
             return raw
         task = TASKS.get(raw["task"])
-        if isinstance(strategy, StrategyConfig):
-            strategy = strategy.model_dump()
         strategy = STRATEGIES.get("auto").settle({"name": task.default_strategy, **strategy}, task)
         return {**raw, "strategy": strategy}
 

@@ -46,6 +46,12 @@ class MaskedMeanPooler(nn.Module):
         return mean_pool(hidden_states, mask)
 
 
+def mean_pooled_in_model(model: nn.Module) -> bool:
+    """Whether `use_mean_pooling` made this model's own pooler the masked mean."""
+    spec = getattr(getattr(model, "config", None), "tunesmith_head", None) or {}
+    return spec.get("pooler") == "masked-mean"
+
+
 def use_mean_pooling(model: nn.Module) -> bool:
     """Make a sequence classifier whose head reads the encoder's pooler read the mean of the last
     hidden states instead (recorded in config.tunesmith_head); False when the model has no such pooler."""
@@ -80,7 +86,7 @@ def restore_custom_head(model: nn.Module, model_dir: Path) -> nn.Module:
     spec = getattr(model.config, "tunesmith_head", None)
     if not spec:
         return model
-    in_model = spec.get("pooler") == "masked-mean"
+    in_model = mean_pooled_in_model(model)
     if in_model:  # the model mean-pools itself (every strategy on a sentence-transformers model)
         use_mean_pooling(model)
     if "module" not in spec:

@@ -39,7 +39,7 @@ from torch import nn
 
 from tunesmith.errors import UserError
 from tunesmith.models.cache import cache_root
-from tunesmith.models.heads import make_head, mean_pool, sentence_transformers_pooling
+from tunesmith.models.heads import make_head, mean_pool, mean_pooled_in_model, sentence_transformers_pooling
 from tunesmith.strategies.base import (
     BaseStrategy,
     ModelParts,
@@ -196,7 +196,7 @@ class FeatureExtraction(BaseStrategy):
         self.head_name = _head_module(model, parts.head)
         head = model.get_submodule(self.head_name)
         pooling = self.config.pooling
-        in_model = (getattr(getattr(model, "config", None), "tunesmith_head", None) or {}).get("pooler") == "masked-mean"
+        in_model = mean_pooled_in_model(model)
         if pooling == "auto":
             pooling = "mean" if in_model else sentence_transformers_pooling(Path(str(getattr(model, "name_or_path", "")))) or "head"
         self.pooling = pooling

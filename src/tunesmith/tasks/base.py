@@ -167,7 +167,7 @@ class Task:
         """Lines printed after encoding."""
         max_length = self.config.train.max_length
         return [f"truncated: {e.truncated} of {len(e)} {name} rows exceed train.max_length={max_length}"
-                for name, e in enc.items() if getattr(e, "truncated", 0)]
+                for name, e in enc.items() if e.truncated]
 
     # -- one step -----------------------------------------------------------------------------
     def collate(self, enc: Any, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
