@@ -39,6 +39,9 @@ STRATEGIES: dict[str, list[str]] = {
     "freeze (last 2 blocks)": ["strategy.name=freeze", "strategy.train_last_n=2"],
     "gradual-unfreeze": ["strategy.name=gradual-unfreeze"],
     "lora (r 8, query/value)": ["strategy.name=lora"],
+    "lora + dora": ["strategy.name=lora", "strategy.lora.use_dora=true"],
+    "lora all-linear": ["strategy.name=lora", "strategy.lora.target_modules=all-linear"],
+    "lora all-linear + dora": ["strategy.name=lora", "strategy.lora.target_modules=all-linear", "strategy.lora.use_dora=true"],
     "head-only": ["strategy.name=head-only"],
     "feature-extraction": ["strategy.name=feature-extraction"],
     "feature-extraction (mlp)": ["strategy.name=feature-extraction", "strategy.head=mlp"],
@@ -83,10 +86,11 @@ def run_one(work: Path, name: str, overrides: list[str], paths: dict[str, Path],
     cmd = [
         sys.executable, "-m", "tunesmith", "train", str(work / "config.yaml"),
         f"data.train={paths[f'train_{n}']}", f"optim.epochs={epochs_for(n)}",
-        f"output_dir={out}", f"strategy.cache_dir={cache}", "--overwrite", "--quiet", *overrides,
+        f"output_dir={out}", "--overwrite", "--quiet", *overrides,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                                                          "TUNESMITH_CACHE": str(cache)})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)

@@ -69,7 +69,7 @@ def test_train_loss_falls_export_reloads_with_timm_alone(tiny_timm_dir, images, 
     ev = result.eval
     assert ev["after"]["accuracy"] == 1.0 and ev["before"]["accuracy"] < 0.7 and "top3_accuracy" in ev["after"]
     model_dir = tmp_path / "run" / "model"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors", "preprocessing.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "config.json", "model.safetensors", "preprocessing.json"]
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["label_names"] == ["blue", "green", "red"] and cfg["num_classes"] == 3
     # timm alone: create_model + its own eval transform, as docs/images.md shows

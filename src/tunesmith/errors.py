@@ -12,7 +12,16 @@ from collections.abc import Iterable
 
 
 class UserError(Exception):
-    """A mistake in the user's config, data or command line; the message says how to fix it."""
+    """A mistake in the user's config, data or command line; the message says how to fix it.
+
+    Always one line: line breaks that come from the user's own data (a column name, a label, a
+    path) are shown escaped, so the message stays one `tunesmith: error:` line."""
+
+    def __init__(self, message: object = ""):
+        text = str(message)
+        if any(c in text for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+            text = "".join(c if c.isprintable() or c in " \t" else repr(c)[1:-1] for c in text)
+        super().__init__(text)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -16,6 +16,22 @@ from typing import Any
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.runlock import check_not_failed
+
+
+def _check_causal(model_dir: Path) -> None:
+    """A model directory whose config names only encoder or classifier classes is not a language model to generate with."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir}/config.json cannot be read: {e}") from None
+    archs = cfg.get("architectures") or [] if isinstance(cfg, dict) else []
+    if archs and not cfg.get("is_decoder") and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                                                          for a in archs):
+        raise UserError(f"{model_dir} does not hold a causal language model (its config names {', '.join(archs)}); "
+                        "generate and chat need a causal-lm run or a decoder model directory")
 
 
 class ChatModel:
@@ -24,6 +40,7 @@ class ChatModel:
         from transformers.utils import logging as hf_logging
 
         path = Path(source)
+        check_not_failed(path)
         if (path / "model" / "config.json").exists():
             model_dir = path / "model"
         elif (path / "config.json").exists():
@@ -45,6 +62,7 @@ class ChatModel:
                 raise UserError(f"{source} is a {cfg.get('task')} run; generate and chat need a causal-lm run "
                                 "(use `tunesmith predict` for classifiers)")
             self.system_prompt = (cfg.get("lm") or {}).get("system_prompt")
+        _check_causal(model_dir)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:

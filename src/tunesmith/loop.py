@@ -12,6 +12,9 @@
     final_evaluation    the test set again, and the task's extras (forgetting, samples)
     save            model/ written aside then renamed; eval.json last marks the run finished
 
+A run that stops on an error after writing config.yaml leaves failed.json (the error, the step,
+the checkpoint that can resume it); one that stops before leaves no run directory behind.
+
 The recipe never asks which task or strategy runs: it calls the `Task` and `BaseStrategy`
 contracts. What watches training (progress bar, metrics.jsonl, checkpoints, early stopping,
 later trackers and reports) subscribes to events (`tunesmith.observers`). Runs unchanged on one
@@ -30,6 +33,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from tunesmith import checkpoint, runlock
 from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
 from tunesmith.errors import Interrupted, UserError
+from tunesmith.model_card import model_card
 from tunesmith.models.layers import enable_gradient_checkpointing
 from tunesmith.observers import Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers
 from tunesmith.optim import build_optimizer, build_scheduler
@@ -51,6 +56,9 @@ from tunesmith.report import make_console, moved_table, param_table, peak_rss_mb
 from tunesmith.strategies.base import ModelParts, Stage, count_params
 from tunesmith.strategies.guards import anchor_for
 from tunesmith.tasks.base import Runtime
+
+
+FAILED = "failed.json"  # in a run directory: the run stopped on this error (see Recipe.mark_failed)
 
 
 @dataclass
@@ -93,15 +101,21 @@ def preflight(cfg: Config, keep_going: bool = False) -> tuple[Any, Any, Any]:
     and checked (the report of `tunesmith validate`) before any weights load. With `keep_going`, a
     model that cannot be resolved is one of the report's errors instead of stopping the check."""
     task = TASKS.get(cfg.task)(cfg)
-    resolved, tokenizer, problem = None, None, None
+    resolved, tokenizer, problem, notes = None, None, None, []
     try:
         resolved = task.resolve()
         tokenizer = task.load_tokenizer(resolved)
+        notes = task.check_limits(resolved, tokenizer)
     except UserError as e:
         if not keep_going:
             raise
         problem = str(e)
     report = task.validate(tokenizer)
+    train = next((f for f in report.files if f.split == "train"), None)
+    if train is not None and 0 < train.rows < cfg.optim.batch_size:
+        notes.append(f"optim.batch_size {cfg.optim.batch_size} is more than the {train.rows} training rows: every step "
+                     f"sees all of them (one step an epoch); set optim.batch_size to {train.rows} or less to take several")
+    report.warnings[:0] = notes
     if problem:
         report.errors.append(problem)
     return task, resolved, report
@@ -143,6 +157,10 @@ class Recipe:
         self.ev: dict[str, Any] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.opened = True
+        self.metrics_log: MetricsLog | None = None
+        self.lock: Any = None  # the run directory's lock, once this run holds it
+        self.created = False  # this run made output_dir (removed again if it fails before writing anything)
+        self.started = False  # config.yaml written: from here on a failure is recorded in failed.json
         self.events = Observers([])
         self.interrupted: dict[str, int] = {}
         self.rng_to_restore: tuple[Any, Any] | None = None  # a resumed run's RNG state, set when fitting starts
@@ -154,6 +172,18 @@ class Recipe:
 
     # -- the recipe ------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self.recipe()
+        except Interrupted:
+            raise  # a checkpoint was written and the message says how to resume
+        except UserError as e:
+            self.mark_failed(e, user_error=True)
+            raise
+        except BaseException as e:
+            self.mark_failed(e, user_error=False)
+            raise
+
+    def recipe(self) -> RunResult:
         self.check_output_dir()
         self.prepare_data()
         self.prepare_model()
@@ -197,6 +227,7 @@ class Recipe:
             raise UserError(f"{out} holds a finished run; pass --overwrite (overwrite: true) or choose another output_dir")
         if out.exists() and not out.is_dir():
             raise UserError(f"output_dir {out} exists and is not a directory")
+        self.created = not out.exists()
         if cfg.resume:
             self.resume_from = checkpoint.latest(out) if out.is_dir() else None
             if self.resume_from is None and cfg.resume is True:
@@ -312,12 +343,15 @@ class Recipe:
             per_ckpt = 4 * sum(p.numel() * p.element_size() for g in self.groups for _, p in g.params)
             ckpts = (cfg.train.keep_checkpoints + 2) * per_ckpt if (cfg.train.checkpoint_every or cfg.train.checkpoint_epochs) else 0
             runlock.check_disk(out, int(weights * 1.2) + ckpts + 50 * 2**20, "the model and checkpoints this run writes")
+        if main:
+            (out / FAILED).unlink(missing_ok=True)  # this run replaces the record of one that failed here
         if cfg.overwrite and main and self.resume_from is None:
             for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR):
                 p = out / stale
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if main:  # with the rate actually used (a strategy's default, a found one), not null
             save_config(cfg, out / "config.yaml", lr=float(self.lr))
+        self.started = True
         self.metrics_log = MetricsLog(out / "metrics.jsonl" if main else None,
                                       self.saved["step"] if self.resume_from is not None else None)
         self.opened = True
@@ -714,6 +748,40 @@ class Recipe:
                   strategy_reason=self.cfg.strategy.reason)
         ev["parameters"] = {"trainable": trainable, "frozen": frozen, "trainable_at_end": count_params(trained)[0]}
 
+    def mark_failed(self, e: BaseException, user_error: bool) -> None:
+        """A run that stops on an error leaves a directory that says so: failed.json with the error, where it
+        stopped and whether a checkpoint can resume it. One that fails before writing anything leaves nothing."""
+        if not self.main:
+            return
+        out = self.out
+        if not self.started:  # stopped before writing anything: leave the directory as it was
+            if self.lock is not None:
+                self.lock.close()
+                self.lock = None
+                if self.created:
+                    shutil.rmtree(out, ignore_errors=True)
+            return
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        ckpt = checkpoint.latest(out)
+        record = {
+            "status": "failed", "error": str(e) or type(e).__name__, "type": type(e).__name__,
+            "user_error": user_error, "step": self.state.step, "stage": self.state.stage,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(ckpt) if ckpt is not None else None,
+            "resume": "tunesmith train CONFIG --resume" if ckpt is not None else None,
+        }
+        if not user_error:
+            record["traceback"] = traceback.format_exc()
+        try:
+            tmp = out / (FAILED + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+            os.replace(tmp, out / FAILED)
+        except OSError:
+            pass  # the disk that failed the run may refuse this too; the error still reaches the user
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     # -- artifacts ----------------------------------------------------------------------------------
     def save(self) -> None:
         """model/ first (written aside, then renamed), eval.json last: it marks the run finished."""
@@ -727,6 +795,9 @@ class Recipe:
             except OSError as e:  # a full disk, a quota: the half-written copy goes, an older model/ stays
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise UserError(f"writing the model to {tmp} failed: {e.strerror or e}; nothing was replaced") from None
+            card = self.task.card()
+            card["usage"] = card["usage"].replace("RUN", str(out))
+            (tmp / "README.md").write_text(model_card(self.cfg, {**ev, "lr": float(self.lr)}, card), encoding="utf-8")
             self.parts.model = saved  # LoRA: the merged model
             shutil.rmtree(out / "model", ignore_errors=True)
             os.replace(tmp, out / "model")

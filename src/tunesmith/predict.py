@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.runlock import check_not_failed
 
 
 @dataclass
@@ -146,6 +147,7 @@ def load(run_dir: str | Path, device: str | None = None) -> TextClassifier | Ima
     path = Path(run_dir)
     if not path.exists():
         raise UserError(f"run directory {path} does not exist")
+    check_not_failed(path)
     model_dir = path / "model" if (path / "model").is_dir() else path
     cfg = model_dir / "config.json"
     info = json.loads(cfg.read_text(encoding="utf-8")) if cfg.exists() else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -40,3 +41,17 @@ def check_disk(out: Path, need_bytes: int, what: str) -> None:
             f"{out}: {free / 2**20:.0f} MB free on its disk, but {what} needs about {need_bytes / 2**20:.0f} MB; "
             "free some space or choose another output_dir"
         )
+
+
+def check_not_failed(run_dir: Path) -> None:
+    """A run directory whose run stopped on an error (failed.json, no model/) is refused with that error."""
+    record = Path(run_dir) / "failed.json"
+    if not record.exists() or (Path(run_dir) / "eval.json").exists():
+        return
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    resume = "; resume it with tunesmith train CONFIG --resume" if info.get("checkpoint") else ""
+    raise UserError(f"the run in {run_dir} failed at step {info.get('step', '?')} and holds no model: "
+                    f"{str(info.get('error', 'see failed.json'))[:300]}{resume}")

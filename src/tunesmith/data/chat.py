@@ -4,7 +4,13 @@ Formats (decided per file from the first usable row, or set with `lm.format`):
 
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`, as
   OpenAI's fine-tuning API takes it: multi-turn, an optional system message, an optional
-  `weight` (0 or 1) on assistant messages (0: that turn is context, not trained);
+  `weight` (0 or 1) on assistant messages (0: that turn is context, not trained); with
+  `tools` (function specs) and assistant `tool_calls` followed by `tool` results, rendered by a
+  chat template that supports tools (the whole call turn is trained);
+- sharegpt: `{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}`, with
+  LLaMA-Factory's `function_call` / `observation` turns and its `system` / `tools` fields;
+- conversational: TRL's prompt/completion with message lists (`prompt` the context, `completion`
+  the assistant turn(s) the loss covers), rendered with the chat template;
 - prompt-completion: `{"prompt": ..., "completion": ...}` (TRL's convention: the two are joined
   as plain text, no chat template, and the loss covers the completion and an EOS token);
 - alpaca: `instruction`, optional `input`, `output`: becomes a user turn (instruction, a blank
@@ -15,7 +21,9 @@ Formats (decided per file from the first usable row, or set with `lm.format`):
   thrown away).
 
 Rows are checked here and every unusable one is named by file and line: not JSON, an unknown
-role, no assistant message, empty content, a bad weight.
+role or speaker, no assistant message, empty content, a bad weight, turns that do not alternate
+user / assistant, a system message after the first turn, a tool result with no call before it,
+a row of another format than the file's.
 
 Tokenization renders a conversation once with the chat template and labels tokens by character
 span: the content of each trained assistant turn plus the end-of-turn token the template writes
@@ -34,8 +42,12 @@ from typing import Any
 from tunesmith.data.text import text_problem
 from tunesmith.errors import UserError
 
-ROLES = ("system", "user", "assistant")
-FORMATS = ("chat", "prompt-completion", "alpaca", "text")
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("chat", "sharegpt", "conversational", "prompt-completion", "alpaca", "text")
+# ShareGPT speakers (`from`), with the names LLaMA-Factory and FastChat data use
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "function_call": "function_call", "observation": "tool", "tool": "tool"}
 IGNORE = -100
 
 # A documented default for tokenizers without a chat template: plain markers, and the
@@ -60,11 +72,12 @@ class Example:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None  # function specs the conversation may call (OpenAI `tools`)
 
     def key(self) -> str:
         """What makes two examples the same (duplicates, train/test overlap)."""
         if self.kind == "chat":
-            return json.dumps([(m["role"], m["content"]) for m in self.messages], ensure_ascii=False)
+            return json.dumps([(m["role"], m.get("content"), m.get("tool_calls")) for m in self.messages], ensure_ascii=False)
         if self.kind == "prompt-completion":
             return json.dumps([self.prompt, self.completion], ensure_ascii=False)
         return self.text or ""
@@ -74,11 +87,11 @@ class Example:
         if self.kind != "chat":
             return None
         last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return [{"role": m["role"], "content": m["content"]} for m in self.messages[:last]]
+        return [{"role": m["role"], "content": m.get("content") or ""} for m in self.messages[:last]]
 
     def reference(self) -> str | None:
         if self.kind == "chat":
-            return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
+            return [m for m in self.messages if m["role"] == "assistant"][-1].get("content") or ""
         return self.completion
 
 
@@ -114,8 +127,10 @@ class LMSet:
 def detect_format(row: dict[str, Any], text_column: str) -> str | None:
     if "messages" in row:
         return "chat"
+    if "conversations" in row:
+        return "sharegpt"
     if "prompt" in row and "completion" in row:
-        return "prompt-completion"
+        return "conversational" if isinstance(row["prompt"], list) or isinstance(row["completion"], list) else "prompt-completion"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if text_column in row:
@@ -123,12 +138,15 @@ def detect_format(row: dict[str, Any], text_column: str) -> str | None:
     return None
 
 
-def chat_problem(row: dict[str, Any]) -> str | None:
-    """Why a chat row is unusable (OpenAI's fine-tuning checks), or None."""
-    msgs = row.get("messages")
+def chat_problem(row: dict[str, Any], key: str = "messages") -> str | None:
+    """Why a chat row is unusable (OpenAI's fine-tuning checks, turn order, tool calls), or None."""
+    msgs = row.get(key)
     if not isinstance(msgs, list) or not msgs:
-        return "'messages' must be a non-empty list of {role, content} objects"
-    trained = 0
+        return f"'{key}' must be a non-empty list of {{role, content}} objects"
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return "'tools' must be a list of function specs (objects)"
+    trained, previous = 0, None
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             return f"messages[{i}] must be an object with 'role' and 'content', got {type(m).__name__}"
@@ -136,11 +154,17 @@ def chat_problem(row: dict[str, Any]) -> str | None:
         if role not in ROLES:
             return (f"messages[{i}] has unknown role {json.dumps(role)[:40]}; use one of {', '.join(ROLES)}"
                     if "role" in m else f"messages[{i}] has no 'role'")
-        if "content" not in m:
+        calls = m.get("tool_calls")
+        if calls is not None:
+            problem = _tool_calls_problem(calls, role, i)
+            if problem:
+                return problem
+        elif "content" not in m:
             return f"messages[{i}] ({role}) has no 'content'"
-        problem = text_problem(m["content"], f"messages[{i}] ({role}) content")
-        if problem:
-            return problem
+        if not calls or m.get("content") not in (None, ""):
+            problem = text_problem(m.get("content"), f"messages[{i}] ({role}) content")
+            if problem:
+                return problem
         if "weight" in m:
             if role != "assistant":
                 return f"messages[{i}] ({role}): 'weight' is only allowed on assistant messages"
@@ -148,6 +172,13 @@ def chat_problem(row: dict[str, Any]) -> str | None:
                 return f"messages[{i}]: 'weight' must be 0 or 1, got {json.dumps(m['weight'])[:20]}"
         if role == "assistant" and m.get("weight", 1) == 1:
             trained += 1
+        if role == "system" and i > 0:
+            return f"messages[{i}] (system): a system message must come first in a conversation"
+        problem = _order_problem(previous, m, i)
+        if problem:
+            return problem
+        if role != "system":
+            previous = m
     if not any(m["role"] == "assistant" for m in msgs):
         return "no assistant message: a conversation needs at least one assistant reply to learn from"
     if not trained:
@@ -155,16 +186,106 @@ def chat_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
+def _tool_calls_problem(calls: Any, role: str, i: int) -> str | None:
+    if role != "assistant":
+        return f"messages[{i}] ({role}): only assistant messages make tool_calls"
+    if not isinstance(calls, list) or not calls:
+        return f"messages[{i}]: 'tool_calls' must be a non-empty list"
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            return f"messages[{i}].tool_calls[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., \"arguments\": ...}}}}"
+        if not isinstance(fn.get("arguments", {}), (str, dict)):
+            return f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string or an object"
+    return None
+
+
+def _order_problem(previous: dict[str, Any] | None, m: dict[str, Any], i: int) -> str | None:
+    """Turns alternate user / assistant; tool results follow an assistant's tool call (or another result)."""
+    role = m["role"]
+    before = previous["role"] if previous else None
+    if role == "tool" and not (before == "tool" or (before == "assistant" and previous.get("tool_calls"))):
+        return f"messages[{i}] (tool): a tool result must follow an assistant message with tool_calls"
+    if before == "assistant" and previous.get("tool_calls") and role != "tool":
+        return f"messages[{i}] ({role}): an assistant message with tool_calls must be followed by the tool result(s)"
+    if role == before and role in ("user", "assistant"):
+        return (f"messages[{i}] ({role}) follows another {role} message: turns must alternate user / assistant "
+                "(merge the two, or put the missing turn between them)")
+    return None
+
+
+def sharegpt_messages(row: dict[str, Any]) -> list[dict[str, Any]] | str:
+    """ShareGPT's {from, value} turns (and LLaMA-Factory's system/tools fields) as OpenAI messages."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "'conversations' must be a non-empty list of {from, value} objects"
+    messages: list[dict[str, Any]] = []
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        messages.append({"role": "system", "content": row["system"]})
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            return f"conversations[{i}] must be an object with 'from' and 'value'"
+        role = SHAREGPT_ROLES.get(t["from"]) if isinstance(t["from"], str) else None
+        if role is None:
+            known = ", ".join(sorted(SHAREGPT_ROLES))
+            return f"conversations[{i}] has unknown speaker {json.dumps(t['from'])[:40]}; use one of {known}"
+        if role == "function_call":  # LLaMA-Factory: the call as a JSON string
+            try:
+                call = json.loads(t["value"]) if isinstance(t["value"], str) else None
+            except ValueError:
+                call = None
+            if not isinstance(call, dict) or "name" not in call:
+                return f"conversations[{i}] (function_call): value must be a JSON object with 'name' and 'arguments'"
+            args = call.get("arguments", {})
+            messages.append({"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": call["name"], "arguments": args}}]})
+            continue
+        messages.append({"role": role, "content": t["value"]})
+    return messages
+
+
+def _tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | str | None:
+    tools = row.get("tools")
+    if isinstance(tools, str):  # LLaMA-Factory keeps them as a JSON string
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except ValueError:
+            return "'tools' is a string that is not JSON"
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return "'tools' must be a list of function specs (objects)"
+    return tools
+
+
 def to_example(row: dict[str, Any], fmt: str, where: str, text_column: str, system_prompt: str | None) -> Example | str:
     """An Example, or the reason the row is unusable."""
-    if fmt == "chat":
-        problem = chat_problem(row)
+    own = detect_format(row, text_column)
+    if own is not None and own != fmt and not (fmt == "text" and text_column in row):
+        return (f"this row is {own} data, but the file is read as {fmt} (decided by its first usable row, or lm.format): "
+                "one format per file")
+    if fmt in ("chat", "sharegpt", "conversational"):
+        tools = _tools_of(row)
+        if isinstance(tools, str):
+            return tools
+        if fmt == "sharegpt":
+            converted = sharegpt_messages(row)
+            if isinstance(converted, str):
+                return converted
+            row = {"messages": converted}
+        elif fmt == "conversational":  # TRL: prompt and completion as message lists; the loss covers the completion
+            prompt, completion = row.get("prompt"), row.get("completion")
+            if not isinstance(prompt, list) or not isinstance(completion, list) or not completion:
+                return "'prompt' and 'completion' must both be lists of {role, content} messages (TRL's conversational format)"
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+                return "'completion' has no assistant message"
+            context = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
+            row = {"messages": context + completion}
+        problem = chat_problem({**row, "tools": tools})
         if problem:
             return problem
         messages = [dict(m) for m in row["messages"]]
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
-        return Example("chat", where, messages=messages)
+        return Example("chat", where, messages=messages, tools=tools)
     if fmt == "prompt-completion":
         for key in ("prompt", "completion"):
             if key not in row:
@@ -297,28 +418,54 @@ def chat_template_of(tokenizer: Any, setting: str | None) -> str:
     if setting == "default":
         return DEFAULT_CHAT_TEMPLATE
     p = Path(setting)
-    if p.suffix == ".jinja" or p.exists():
+    if p.suffix == ".jinja" or (len(setting) < 4096 and "{" not in setting and p.exists()):
         if not p.exists():
             raise UserError(f"lm.chat_template: {p} does not exist")
-        return p.read_text(encoding="utf-8")
-    return setting  # the template itself, inline
+        try:
+            template, where = p.read_text(encoding="utf-8"), str(p)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"lm.chat_template: cannot read {p}: {e}") from None
+    else:
+        template, where = setting, "lm.chat_template"  # the template itself, inline
+    check_template(template, where)
+    return template
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict[str, Any]], gen: bool = False) -> str:
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+def check_template(template: str, where: str) -> None:
+    """A chat template that Jinja cannot compile, named with its line, before anything is rendered."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{where}: the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
 
 
-def tokenize_chat(tokenizer: Any, template: str, messages: list[dict[str, Any]], loss_on: str) -> Tokenized:
+def _render(tokenizer: Any, template: str, messages: list[dict[str, Any]], gen: bool = False,
+            tools: list[dict[str, Any]] | None = None) -> str:
+    keep = ("role", "content", "tool_calls", "tool_call_id", "name")
+    msgs = [{k: (v if k != "content" or v is not None else "") for k, v in m.items() if k in keep} for m in messages]
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen, **extra)
+
+
+def renders_tools(template: str) -> bool:
+    """Whether a chat template renders tool specs and tool calls at all (it names them)."""
+    return "tools" in template or "tool_calls" in template
+
+
+def tokenize_chat(tokenizer: Any, template: str, messages: list[dict[str, Any]], loss_on: str,
+                  tools: list[dict[str, Any]] | None = None) -> Tokenized:
     """Render with the template and label the tokens of each trained assistant turn (+ its end-of-turn)."""
-    full = _render(tokenizer, template, messages)
+    full = _render(tokenizer, template, messages, tools=tools)
     eos = tokenizer.eos_token or ""
     spans: list[tuple[int, int, bool]] = []  # character ranges of trained text in `full`; True: EOS goes after it
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         try:
-            prefix = _render(tokenizer, template, messages[:i], gen=True) if i else ""
+            prefix = _render(tokenizer, template, messages[:i], gen=True, tools=tools) if i else ""
         except Exception:  # noqa: BLE001 - a template that refuses a conversation starting with the assistant
             prefix = ""
         if not full.startswith(prefix):
@@ -326,6 +473,20 @@ def tokenize_chat(tokenizer: Any, template: str, messages: list[dict[str, Any]],
                 "the chat template renders the start of a conversation differently from the whole of it, so assistant "
                 "turns cannot be located; set lm.chat_template: default (or a template of your own)"
             )
+        if m.get("tool_calls"):  # the call is written by the template: the whole turn after the generation prompt
+            turn = _render(tokenizer, template, messages[: i + 1], tools=tools)
+            if not full.startswith(turn):
+                raise UserError("the chat template renders the start of a conversation differently from the whole of it, so "
+                                "assistant turns cannot be located; set lm.chat_template (or a template of your own)")
+            if m.get("weight", 1) == 0:
+                continue
+            seg = full[len(prefix) : len(turn)]
+            k = seg.rfind(eos) if eos else -1
+            if k >= 0:
+                spans.append((len(prefix), len(prefix) + k + len(eos), False))
+            else:
+                spans.append((len(prefix), len(prefix) + len(seg.rstrip()), bool(eos)))
+            continue
         content = m["content"]
         start = full.find(content, len(prefix))
         if start < 0:
@@ -336,7 +497,7 @@ def tokenize_chat(tokenizer: Any, template: str, messages: list[dict[str, Any]],
         end = start + len(content)
         if m.get("weight", 1) == 0:
             continue
-        turn_end = len(_render(tokenizer, template, messages[: i + 1]))
+        turn_end = len(_render(tokenizer, template, messages[: i + 1], tools=tools))
         k = full.find(eos, end, max(turn_end, end + len(eos))) if eos else -1
         if eos and k >= 0 and not full[end:k].strip():
             spans.append((start, k + len(eos), False))

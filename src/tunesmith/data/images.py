@@ -4,14 +4,16 @@
 Every image is decoded once, in the pre-flight scan: an unreadable, truncated or non-image file
 is reported by path (`data.bad_rows: error`, the default, stops before training with the list;
 `skip` drops and counts them). Decoded images are kept, resized so the shorter side is the
-model's evaluation resize (`size / crop_pct`, as timm's eval transform does), as uint8 tensors:
-evaluation and prediction centre-crop them, training augments them, and no image is decoded
-twice.
+model's evaluation resize (`size / crop_pct`, as timm's eval transform does), as uint8 pixels in
+an on-disk store (`ImageStore`: memory stays flat however many images there are): evaluation and
+prediction centre-crop them, training augments them, and no image is decoded twice.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +116,61 @@ def decode(path: Path, pre: Preprocess) -> torch.Tensor:
     if size != (w, h):
         rgb = rgb.resize(size, method)
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageStore:
+    """Decoded images on disk, not in memory: one unlinked file in the cache folder, read back with
+    pread (through the page cache, never mapped into the process), so a training run's memory does not
+    grow with the number of images. 20,000 images at a 256-pixel resize are about 4 GB of pixels.
+
+    The file has no name once created (the space is freed when the process ends, even on SIGKILL);
+    the index (offset and shape of each image, 24 bytes) stays in memory."""
+
+    def __init__(self, directory: Path):
+        import tempfile
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="images-")
+        self._end = 0
+        self._index: list[tuple[int, int, int, int]] = []  # (offset, channels, height, width)
+
+    def add(self, img: torch.Tensor) -> int:
+        """Store a uint8 (C, H, W) image; returns its id."""
+        data = img.contiguous().numpy().tobytes()
+        os.pwrite(self._file.fileno(), data, self._end)
+        self._index.append((self._end, *img.shape))
+        self._end += len(data)
+        return len(self._index) - 1
+
+    def get(self, i: int) -> torch.Tensor:
+        offset, c, h, w = self._index[i]
+        data = os.pread(self._file.fileno(), c * h * w, offset)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(c, h, w)
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+
+class StoredImages(Sequence):
+    """A list of images that lives in an ImageStore: indexing reads one image back."""
+
+    def __init__(self, store: ImageStore, ids: list[int]):
+        self.store, self.ids = store, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self.store.get(self.ids[i])
+
+    def take(self, idx: list[int]) -> "StoredImages":
+        return StoredImages(self.store, [self.ids[i] for i in idx])
+
+    def __add__(self, other: "StoredImages") -> "StoredImages":
+        if other.store is not self.store:
+            raise ValueError("images of two stores cannot be joined")
+        return StoredImages(self.store, self.ids + other.ids)
 
 
 def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:

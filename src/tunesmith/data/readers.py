@@ -10,11 +10,10 @@ passes a `malformed` list, is recorded there as ``(where, problem)`` and the rea
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tunesmith.errors import UserError
 
@@ -51,13 +50,40 @@ def read_table(path: str | Path, max_rows: int | None = None, malformed: Malform
         )
     if fmt == "parquet":
         return _read_parquet(path, max_rows)
-    text = decode_text(path)
-    if not text.strip():
-        raise UserError(f"{path} is empty")
+    _check_sample(path)
     report = _Reporter(path, malformed)
-    if fmt == "jsonl":
-        return _read_jsonl(path, text, max_rows, report)
-    return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", max_rows, report)
+    # streamed: the file is never held whole in memory, only the rows it yields
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        if fmt == "jsonl":
+            return _read_jsonl(path, f, max_rows, report)
+        return _read_delimited(path, f, "\t" if fmt == "tsv" else ",", max_rows, report)
+
+
+SAMPLE = 1 << 20  # the first MiB decides whether a file is text at all
+
+
+def _check_sample(path: Path) -> None:
+    """Refuse an empty file, or one that is mostly not UTF-8 text, from its first MiB (decode_text's rules)."""
+    with open(path, "rb") as f:
+        data = f.read(SAMPLE)
+        more = bool(f.read(1))
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not more and not data.strip():
+        raise UserError(f"{path} is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (more and e.start >= len(data) - 3):  # not just a character cut by the sample's end
+            text = data.decode("utf-8", errors="surrogateescape")
+            bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+            if bad > max(16, len(text) // 20):
+                line = data[: e.start].count(b"\n") + 1
+                raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8") from None
+        text = data.decode("utf-8", errors="surrogateescape")
+    if text.count("\x00") > max(16, len(text) // 20):
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise UserError(f"{path}:{line}: contains NUL bytes; is this a binary file?")
 
 
 class _Reporter:
@@ -107,8 +133,8 @@ def _bad_text(values: list[Any]) -> str | None:
     return None
 
 
-def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None, report: _Reporter) -> Table:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _read_delimited(path: Path, f: TextIO, delimiter: str, max_rows: int | None, report: _Reporter) -> Table:
+    reader = csv.reader(f, delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except csv.Error as e:
@@ -151,13 +177,24 @@ def _read_delimited(path: Path, text: str, delimiter: str, max_rows: int | None,
     return Table(path, header, rows, lines)
 
 
-def _read_jsonl(path: Path, text: str, max_rows: int | None, report: _Reporter) -> Table:
+def _read_jsonl(path: Path, f: TextIO, max_rows: int | None, report: _Reporter) -> Table:
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     columns: dict[str, None] = {}
-    # \r\n, \n and a lone \r end lines (raw \r can't be inside a JSON string); not splitlines(),
-    # which would also break at \x1c, \x85 or U+2028, all legal inside a JSON string
-    for n, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+    head = f.read(SAMPLE)
+    if head.lstrip()[:1] == "[" and "\n" in head.strip():  # a pretty-printed .json array saved as .jsonl
+        try:
+            whole = json.loads(head + f.read())
+        except ValueError:
+            whole = None
+        if isinstance(whole, list):
+            raise UserError(f"{path}: the file is one JSON array of {len(whole)} item(s), not JSON lines; a .jsonl file holds "
+                            f"one JSON object per line: convert it with jq -c '.[]' {path.name} > {path.stem}-lines.jsonl")
+    f.seek(0)
+    # lines end at \r\n, \n or a lone \r (a raw \r can't be inside a JSON string): a text file's own
+    # line splitting with newline="", not splitlines(), which would also break at \x1c, \x85 or
+    # U+2028, all legal inside a JSON string
+    for n, raw in enumerate(f, start=1):
         if not raw.strip():
             continue
         problem = _bad_text([raw])
@@ -176,16 +213,34 @@ def _read_jsonl(path: Path, text: str, max_rows: int | None, report: _Reporter) 
             report(n, "not valid JSON (nested too deeply)")
             continue
         if not isinstance(obj, dict):
-            report(n, f"each line must be a JSON object, got {type(obj).__name__}")
+            report(n, _not_an_object(obj, n))
             continue
         columns.update(dict.fromkeys(obj))
         rows.append(obj)
         lines.append(n)
         if max_rows and len(rows) >= max_rows:
             break
-    if not rows and not (report.malformed):
+    if not rows and not report.malformed:
         raise UserError(f"{path} has no JSON lines")
+    if not rows:  # every line is malformed: nothing to check columns against, so say what the lines are
+        where, problem = report.malformed[0]
+        raise UserError(f"{where}: {problem} (no line of {path.name} could be read: {len(report.malformed)} malformed)")
     return Table(path, list(columns), rows, lines)
+
+
+_JSON_TYPES = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "a JSON boolean", type(None): "JSON null"}
+
+
+def _not_an_object(obj: Any, line: int) -> str:
+    """What a JSONL line that is not an object is, and what a line should be."""
+    what = _JSON_TYPES.get(type(obj), type(obj).__name__)
+    hint = "a .jsonl file holds one JSON object per line, such as {\"text\": \"...\", \"label\": \"...\"}"
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        hint += f"; this line is an array of {len(obj)} object(s): write one per line (jq -c '.[]' FILE.json > FILE.jsonl)"
+    elif isinstance(obj, list) and line == 1:
+        hint += "; a file that is one JSON array converts with jq -c '.[]' FILE.json > FILE.jsonl"
+    return f"{what}, not an object: {hint}"
 
 
 def _read_parquet(path: Path, max_rows: int | None) -> Table:

@@ -111,3 +111,31 @@ def _resolve_hub(spec: str) -> ResolvedModel:
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise UserError(f"could not download model '{spec}' from the Hugging Face hub: {e}") from None
+
+
+# Families whose position ids start after the padding index (fairseq's convention): of
+# max_position_embeddings, pad_token_id + 1 are never used by a token.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "ibert", "mpnet", "data2vec-text", "xmod", "roberta-prelayernorm"}
+
+
+def position_limit(path: Path, tokenizer: object | None) -> tuple[int, str] | None:
+    """How many tokens a text model takes, and where that number comes from; None when it sets no limit."""
+    import json
+
+    found: list[tuple[int, str]] = []
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = cfg.get(key)
+        if isinstance(n, int) and n > 0:
+            if cfg.get("model_type") in _OFFSET_POSITIONS and isinstance(cfg.get("pad_token_id"), int):
+                n -= cfg["pad_token_id"] + 1
+            found.append((n, f"{key} in its config.json"))
+            break
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 1_000_000:  # tokenizers without a limit say 1e30
+        found.append((n, "its tokenizer's model_max_length"))
+    return min(found) if found else None

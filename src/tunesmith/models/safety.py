@@ -18,12 +18,22 @@ from tunesmith.errors import UserError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def load_error(resolved: Any, e: BaseException) -> UserError:
+    """A model directory whose weights transformers cannot read (cut short, not safetensors, the wrong shapes)."""
+    return UserError(f"cannot load the weights of model '{resolved.spec}' from {resolved.path}: "
+                     f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}")
+
+
 def check_weights_safety(resolved: Any, config: Any) -> dict[str, Any]:
     """Refuse pickle-only weights unless allowed; returns the `trust_remote_code` kwargs."""
     path = Path(resolved.path)
     if path.is_dir():
         safe = list(path.glob("*.safetensors"))
         pickled = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES and "training_args" not in f.name)
+        if not safe and not pickled and not list(path.glob("*.gguf")) and not list(path.glob("*.index.json")):
+            held = sorted(f.name for f in path.iterdir())
+            raise UserError(f"model directory {path} has no weights (model.safetensors); it holds "
+                            f"{', '.join(held[:6]) + (' ...' if len(held) > 6 else '') if held else 'nothing'}")
         if pickled and not safe and not config.allow_pickle:
             raise UserError(
                 f"model '{resolved.spec}' ({path}) has only pickle-based weights ({', '.join(pickled[:3])}), which can run "

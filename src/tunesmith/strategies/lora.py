@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -111,6 +111,16 @@ def default_targets(model: nn.Module) -> list[str] | None:
     return list(targets) if targets else None
 
 
+def all_linear(model: nn.Module, head_modules: list[str]) -> list[str]:
+    """Every Linear layer of the backbone, by full name: not the new head, not a language model's output layer."""
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_layer
+             and not any(n == h or n.startswith(h + ".") for h in head_modules)]
+    if not names:
+        raise UserError("strategy.lora.target_modules: all-linear found no Linear layer outside the head")
+    return names
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
@@ -119,8 +129,13 @@ class LoraSettings(StrategyOptions):
     r: int = Field(8, gt=0, description="LoRA rank: size of the low-rank update of each target weight.")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch input.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt (a name matches itself and any '*.name'); default: per architecture, e.g. BERT query,value."
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt (a name matches itself and any '*.name'), or 'all-linear' (every Linear layer "
+        "of the backbone, QLoRA's choice: Dettmers et al. 2023); default: per architecture, e.g. BERT query,value."
+    )
+    use_dora: bool = Field(
+        False, description="DoRA (Liu et al. 2024, PEFT's use_dora): each adapted weight as a magnitude and a direction, LoRA on "
+        "the direction; closer to full fine-tuning at the same rank, slower per step. Merged into plain weights on export."
     )
 
 
@@ -146,13 +161,13 @@ class Lora(BaseStrategy):
         family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         module_names = [n for n, _ in model.named_modules()]
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
-        targets = cfg.target_modules or default_targets(model)
+        head_modules = sorted({n.rsplit(".", 1)[0] for n in parts.head})
+        targets = all_linear(model, head_modules) if cfg.target_modules == "all-linear" else cfg.target_modules or default_targets(model)
         if not targets:
             raise UserError(
                 f"no default LoRA target modules for model family '{family}'; set strategy.lora.target_modules "
                 f"(its Linear/Conv layers are named: {', '.join(linear_names[:12])})"
             )
-        head_modules = sorted({n.rsplit(".", 1)[0] for n in parts.head})
         for t in targets:
             hits = [n for n in module_names if _matches(n, t)]
             if not hits:
@@ -165,7 +180,7 @@ class Lora(BaseStrategy):
         self.group_of = parts.group_of()
         lcfg = LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets),
-            modules_to_save=head_modules, bias="none",
+            modules_to_save=head_modules, bias="none", use_dora=cfg.use_dora,
         )
         try:
             with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
@@ -173,10 +188,11 @@ class Lora(BaseStrategy):
                 peft_model = get_peft_model(model, lcfg)
         except (ValueError, TypeError) as e:
             raise UserError(f"strategy.lora: PEFT cannot adapt this model: {str(e).splitlines()[0]}") from None
-        use_fused_dropout(peft_model)
+        if not cfg.use_dora:  # DoRA's forward reads the dropout module itself
+            use_fused_dropout(peft_model)
         parts.model = peft_model
         self.model = peft_model
-        adapters = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+        adapters = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]  # DoRA's lora_magnitude_vector too
         head = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
         return [ParamGroup("lora adapters", adapters), ParamGroup("head", head)]
 

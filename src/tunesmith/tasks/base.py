@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tunesmith.errors import UserError
+from tunesmith.models.resolve import position_limit, resolve_model
+
 if TYPE_CHECKING:  # type hints only: tasks never import config at run time (config imports tasks by name)
     from tunesmith.config import Config
     from tunesmith.models.resolve import ResolvedModel
@@ -102,6 +105,15 @@ class Prepared:
     multi_label: bool = False
 
 
+@dataclass
+class TokenView:
+    """One example's tokens: (text piece, id, whether the loss covers it; None when no token is a target)."""
+
+    where: str
+    tokens: list[tuple[str, int, bool | None]]
+    note: str = ""
+
+
 class Task:
     """Base of every task. Class attributes are the declarations the config and the loop read."""
 
@@ -136,12 +148,32 @@ class Task:
 
     # -- model and data -----------------------------------------------------------------------
     def resolve(self) -> "ResolvedModel":
-        from tunesmith.models.resolve import resolve_model
 
         return resolve_model(self.config.model, self.name)
 
     def load_tokenizer(self, resolved: "ResolvedModel") -> Any:
         return None
+
+    def check_limits(self, resolved: "ResolvedModel", tokenizer: Any) -> list[str]:
+        """Limits the model sets, checked before any data is read: a config value past one is lowered to it
+        (a warning for the report, returned) or refused (UserError). Text models: positions."""
+        limit = position_limit(resolved.path, tokenizer) if tokenizer is not None else None
+        train = self.config.train
+        if limit is None or train.max_length <= limit[0]:
+            return []
+        asked, train.max_length = train.max_length, limit[0]
+        return [f"train.max_length {asked} is more than model '{resolved.spec}' takes ({limit[0]} tokens: {limit[1]}); "
+                f"using {limit[0]}"]
+
+    def card(self) -> dict[str, str]:
+        """What the exported model's card says about loading it: library_name, pipeline_tag (the hub's
+        names) and usage (Markdown, with code)."""
+        return {"library_name": "transformers", "pipeline_tag": "", "usage": "`tunesmith eval RUN --data FILE`"}
+
+    def token_preview(self, n: int) -> tuple[list[TokenView], list[str]]:
+        """The first `n` training examples as the model sees them (after `validate`), and lines on how
+        rows are laid out (packing); `tunesmith validate --show-tokens N`. Text tasks only."""
+        raise UserError(f"--show-tokens applies to text tasks; {self.name} has no tokens")
 
     def validate(self, tokenizer: Any = None) -> "DataReport":
         """Read every data file once and report on it; never raises for bad data."""

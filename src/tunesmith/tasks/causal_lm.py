@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tunesmith.data.batching import shard
@@ -45,14 +46,15 @@ from tunesmith.data.chat import (
     pack,
     read_lm_set,
     split_set,
+    renders_tools,
     tokenize_chat,
     tokenize_prompt_completion,
     tokenize_text,
 )
 from tunesmith.errors import UserError
 from tunesmith.models.resolve import ResolvedModel
-from tunesmith.models.safety import check_weights_safety
-from tunesmith.tasks.base import Accumulator, Prepared, Runtime, Task
+from tunesmith.models.safety import check_weights_safety, load_error
+from tunesmith.tasks.base import Accumulator, Prepared, Runtime, Task, TokenView
 from tunesmith.validate import DataReport, FileReport
 
 if TYPE_CHECKING:
@@ -152,6 +154,11 @@ class CausalLM(Task):
                                max_length=self.config.train.max_length)
         if "train" not in sets:
             return rep
+        if lm.forgetting not in (None, "guardian"):  # read now: a missing file must not stop a run after training
+            try:
+                read_lm_set(lm.forgetting, d.model_copy(update={"max_rows": 1}), lm.model_copy(update={"format": "auto"}), "general")
+            except UserError as e:
+                rep.errors.append(f"lm.forgetting: {e}")
         formats = {s.format for s in sets.values()}
         if len(formats) > 1:
             rep.warnings.append(f"the data files mix formats ({', '.join(sorted(formats))})")
@@ -202,6 +209,22 @@ class CausalLM(Task):
             self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], [])
         return rep
 
+    def _tokenize_chat(self, e: Any) -> Tokenized:
+        """One conversation through the chat template; a template that refuses it names the row."""
+        from jinja2 import TemplateError
+
+        if (e.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in e.messages)) and not renders_tools(self.template):
+            raise UserError(f"{e.where}: this conversation has tools or tool calls, but the chat template never mentions "
+                            "'tools' or 'tool_calls', so it cannot render them; set lm.chat_template to one that does "
+                            "(the model's own, if it was trained for tool use), or drop the tool turns")
+        try:
+            return tokenize_chat(self.tokenizer, self.template, e.messages, self.config.lm.loss_on, tools=e.tools)
+        except TemplateError as err:  # raise_exception('Conversation roles must alternate ...') and the like
+            raise UserError(f"{e.where}: the chat template refuses this conversation ({err}); fix the row, or set "
+                            "lm.chat_template: default") from None
+        except UserError as err:
+            raise UserError(f"{e.where}: {err}") from None
+
     def _tokenize_set(self, s: LMSet) -> tuple[list[Tokenized | None], list[int], int, list[tuple[str, int]]]:
         """Tokenize and fit every example once (kept for encode): (fitted, raw lengths, truncated, too long)."""
         lm, max_length = self.config.lm, self.config.train.max_length
@@ -217,7 +240,7 @@ class CausalLM(Task):
                     fitted.append(Tokenized(ids, [True] * len(ids), [True] * len(ids)))  # chunked in encode
                     continue
                 if e.kind == "chat":
-                    t = tokenize_chat(self.tokenizer, self.template, e.messages, lm.loss_on)
+                    t = self._tokenize_chat(e)
                 else:
                     t = tokenize_prompt_completion(self.tokenizer, e.prompt, e.completion, lm.loss_on)
                 lengths.append(len(t.ids))
@@ -277,7 +300,11 @@ class CausalLM(Task):
                 warnings.simplefilter("ignore")
                 model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=torch.float32, **remote)
         except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise load_error(resolved, e) from None
             raise UserError(f"model '{resolved.spec}' is not a causal language model: {str(e).splitlines()[0]}") from None
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise load_error(resolved, e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         model.config.use_cache = False
@@ -302,6 +329,48 @@ class CausalLM(Task):
         if not rep.ok:
             raise UserError(rep.error_line())
         return self.encode(self.load_data().test)
+
+    def card(self) -> dict[str, str]:
+        return {"library_name": "transformers", "pipeline_tag": "text-generation", "usage": """
+With tunesmith: `tunesmith generate RUN "your question"` or `tunesmith chat RUN`.
+
+With plain transformers (the chat template it was trained with is in the tokenizer files):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("RUN/model")
+model = AutoModelForCausalLM.from_pretrained("RUN/model")
+ids = tok.apply_chat_template([{"role": "user", "content": "your question"}], add_generation_prompt=True, return_tensors="pt")
+print(tok.decode(model.generate(ids, max_new_tokens=128)[0][ids.shape[1]:], skip_special_tokens=True))
+```
+
+A LoRA run also holds the adapter alone in `RUN/model/adapter` (PEFT: `PeftModel.from_pretrained(base, path)`).
+"""}
+
+    def token_preview(self, n: int) -> tuple[list[TokenView], list[str]]:
+        """The first training examples as rendered, cut and masked; then how packing lays out rows."""
+        s = self.load_data().train
+        if id(s) not in self._tokenized:
+            self._tokenize_set(s)
+        fitted, _ = self._tokenized[id(s)]
+        views = []
+        for e, t in list(zip(s.examples, fitted))[:n]:
+            if t is None:
+                views.append(TokenView(e.where, [], "longer than train.max_length: skipped (lm.too_long=skip)"))
+                continue
+            pieces = [self.tokenizer.decode([i]) for i in t.ids]
+            trained = sum(t.trained)
+            views.append(TokenView(e.where, [(p, i, tr) for p, i, tr in zip(pieces, t.ids, t.trained)],
+                                   f"{len(t.ids)} tokens, {trained} trained"))
+        enc = self.encode(s)
+        lines = [f"rows: {len(enc)} of up to {self.config.train.max_length} tokens from {enc.examples} example(s) "
+                 f"({'packed' if self.config.lm.packing else 'one example a row'}); the first {min(n, len(enc))}:"]
+        for r in range(min(n, len(enc))):
+            starts = [k for k, p in enumerate(enc.positions[r]) if p == 0] + [len(enc.positions[r])]
+            sizes = [b - a for a, b in zip(starts, starts[1:])]
+            lines.append(f"  row {r}: {len(enc.input_ids[r])} tokens = {' + '.join(map(str, sizes))} "
+                         f"({len(sizes)} example(s); positions restart at each, no attention across them)")
+        return views, lines
 
     # -- batches ------------------------------------------------------------------------------
     def encode(self, s: LMSet) -> LMEncoded:

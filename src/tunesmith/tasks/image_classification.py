@@ -2,7 +2,8 @@
 user's classes (timm's own `reset_classifier`).
 
 Data: a folder per class or a CSV/JSONL/Parquet listing (see tunesmith.data.images). Every image
-is decoded once, in the pre-flight report, and kept resized to the model's evaluation resize.
+is decoded once, in the pre-flight report, and kept (on disk, see `ImageStore`) resized to the
+model's evaluation resize.
 Evaluation and prediction apply exactly timm's evaluation transform (resize, centre crop,
 normalise with the model's mean/std); training draws a random resized crop, a flip and,
 optionally, colour jitter, RandAugment and mixup/cutmix, all from torch's (and NumPy's, for
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from tunesmith.data.batching import shard
-from tunesmith.data.images import ImageSet, Preprocess, center_crop, decode, normalize, read_image_set
+from tunesmith.data.images import ImageSet, ImageStore, Preprocess, StoredImages, center_crop, decode, normalize, read_image_set
+from tunesmith.models.cache import cache_root
 from tunesmith.errors import UserError
 from tunesmith.models.resolve import ResolvedModel
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 class ImageEncoded:
     """Decoded images (uint8, shorter side at the eval resize) and their labels."""
 
-    images: list[torch.Tensor]
+    images: StoredImages
     labels: torch.Tensor | None
     keys: list[str]  # file path, size and mtime of each image: what the feature cache keys on
     tag: str = ""  # the preprocessing: part of the feature cache key too
@@ -54,7 +56,7 @@ class ImageEncoded:
         return len(self.images)
 
     def subset(self, idx: list[int]) -> "ImageEncoded":
-        return ImageEncoded([self.images[i] for i in idx], self.labels[idx] if self.labels is not None else None,
+        return ImageEncoded(self.images.take(idx), self.labels[idx] if self.labels is not None else None,
                             [self.keys[i] for i in idx], self.tag)
 
     def concat(self, other: "ImageEncoded") -> "ImageEncoded":
@@ -92,7 +94,9 @@ class ImageClassification(ClassificationTask):
     def __init__(self, config: "Config"):
         super().__init__(config)
         self.pre: Preprocess | None = None
-        self._decoded: dict[Path, torch.Tensor] = {}
+        self._store: ImageStore | None = None  # decoded pixels, on disk
+        self._decoded: dict[Path, int] = {}  # path -> id in the store
+        self._content: dict[Path, str] = {}  # path -> hash of its decoded pixels (exact duplicates)
         self._keys: dict[Path, str] = {}
         self._prepared: Prepared | None = None
         self._mixup = None
@@ -119,6 +123,35 @@ class ImageClassification(ClassificationTask):
         self.pre = Preprocess.from_timm(data_config_of(resolved), self.config.image.size)
         return None
 
+    def card(self) -> dict[str, str]:
+        return {"library_name": "timm", "pipeline_tag": "image-classification", "usage": """
+With tunesmith: `tunesmith predict RUN photo.jpg` (files or folders).
+
+With timm alone (its own evaluation transform, from the folder's pretrained_cfg):
+
+```python
+import json, timm, torch
+from PIL import Image
+model = timm.create_model("local-dir:RUN/model", pretrained=True).eval()
+tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+labels = json.load(open("RUN/model/config.json"))["label_names"]
+with torch.no_grad():
+    p = model(tf(Image.open("photo.jpg").convert("RGB"))[None]).softmax(-1)[0]
+print(labels[int(p.argmax())], float(p.max()))
+```
+"""}
+
+    def check_limits(self, resolved: ResolvedModel, tokenizer: Any) -> list[str]:
+        """image.size far past the model's own input: a mistake that would take the memory of the machine."""
+        native = int(data_config_of(resolved)["input_size"][-1])
+        size = self.config.image.size
+        if size is not None and size > 4 * native:
+            gb = self.config.optim.batch_size * 3 * size * size * 4 * 2 / 2**30
+            raise UserError(f"image.size {size} is more than 4x the input size of model '{resolved.spec}' ({native}): a batch of "
+                            f"{self.config.optim.batch_size} such images needs about {gb:,.0f} GB before any layer runs; "
+                            f"use at most {4 * native} (the model's own: {native})")
+        return []
+
     # -- data ---------------------------------------------------------------------------------
     def _decode_all(self, paths: list[Path]) -> dict[Path, str]:
         """Decode every image not yet decoded (threads: Pillow releases the GIL); path -> problem."""
@@ -130,6 +163,8 @@ class ImageClassification(ClassificationTask):
             except ValueError as e:
                 return p, None, str(e)
 
+        if self._store is None:
+            self._store = ImageStore(cache_root() / "images")
         problems: dict[Path, str] = {}
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for p, img, why in pool.map(one, todo, chunksize=16):
@@ -137,7 +172,8 @@ class ImageClassification(ClassificationTask):
                     problems[p] = why
                 else:
                     st = p.stat()
-                    self._decoded[p] = img
+                    self._decoded[p] = self._store.add(img)
+                    self._content[p] = hashlib.sha1(img.numpy().tobytes()).hexdigest()
                     self._keys[p] = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         return problems
 
@@ -173,7 +209,7 @@ class ImageClassification(ClassificationTask):
 
     def _content_key(self, p: Path) -> str:
         """Exact-duplicate key: the decoded pixels (the same picture saved twice is caught)."""
-        return hashlib.sha1(self._decoded[p].numpy().tobytes()).hexdigest()
+        return self._content[p]
 
     def load_data(self) -> Prepared:
         if self._prepared is None:
@@ -224,7 +260,8 @@ class ImageClassification(ClassificationTask):
     def encode(self, s: ImageSet) -> ImageEncoded:
         index = {l: i for i, l in enumerate(self.labels)}
         labels = torch.tensor([index[l] for l in s.labels], dtype=torch.long) if s.labels and s.labels[0] is not None else None
-        return ImageEncoded([self._decoded[p] for p in s.paths], labels, [self._keys[p] for p in s.paths], repr(self.pre))
+        images = StoredImages(self._store, [self._decoded[p] for p in s.paths])
+        return ImageEncoded(images, labels, [self._keys[p] for p in s.paths], repr(self.pre))
 
     def _augment(self, img: torch.Tensor) -> torch.Tensor:
         from torchvision import transforms as T

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from tunesmith.data.batching import make_batches, pad_batch, shard
+from tunesmith.data.batching import Ragged, make_batches, pad_batch, shard
 from tunesmith.data.text import TextSet, check_known_labels, is_multi_label, read_text_set
 from tunesmith.errors import UserError
 from tunesmith.models.heads import mean_pool, sentence_transformers_pooling, use_mean_pooling
-from tunesmith.models.safety import check_weights_safety
-from tunesmith.tasks.base import Accumulator, Prepared, Runtime
+from tunesmith.models.safety import check_weights_safety, load_error
+from tunesmith.tasks.base import Accumulator, Prepared, Runtime, TokenView
 from tunesmith.tasks.classification import ClassificationTask
 from tunesmith.validate import DataReport, classification_report, token_lengths
 
@@ -34,16 +35,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class Encoded:
-    """A tokenized text set, ready for batching."""
+    """A tokenized text set, ready for batching: token ids as one flat array (see `Ragged`)."""
 
-    input_ids: list[list[int]]
-    extra: dict[str, list[list[int]]]  # token_type_ids for sentence pairs
+    input_ids: Ragged
+    extra: dict[str, Ragged]  # token_type_ids for sentence pairs
     labels: torch.Tensor | None  # (N,) long, or (N, C) float for multi-label
     truncated: int
 
     @property
     def lengths(self) -> list[int]:
-        return [len(s) for s in self.input_ids]
+        return self.input_ids.lengths
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -58,16 +59,16 @@ class Encoded:
         """A hash of the token ids: what a feature cache keys the data on."""
         h = hashlib.sha256()
         h.update(np.asarray(self.lengths, dtype=np.int64).tobytes())
-        h.update(np.asarray([t for x in self.input_ids for t in x], dtype=np.int64).tobytes())
+        h.update(self.input_ids.flat.astype(np.int64).tobytes())
         for k in sorted(self.extra):
             h.update(k.encode())
-            h.update(np.asarray([t for x in self.extra[k] for t in x], dtype=np.int64).tobytes())
+            h.update(self.extra[k].flat.astype(np.int64).tobytes())
         return h.hexdigest()
 
     def subset(self, idx: list[int]) -> "Encoded":
         return Encoded(
-            [self.input_ids[i] for i in idx],
-            {k: [v[i] for i in idx] for k, v in self.extra.items()},
+            self.input_ids.take(idx),
+            {k: v.take(idx) for k, v in self.extra.items()},
             self.labels[idx] if self.labels is not None else None,
             0,
         )
@@ -165,7 +166,11 @@ class TextClassification(ClassificationTask):
                     path, config=hf_config, ignore_mismatched_sizes=True, output_loading_info=True, **remote
                 )
         except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise load_error(resolved, e) from None
             raise UserError(f"model '{resolved.spec}' has no sequence-classification head class: {str(e).splitlines()[0]}") from None
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise load_error(resolved, e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         pooling = (self.config.strategy.model_extra or {}).get("pooling", "auto")  # feature-extraction's key
@@ -195,22 +200,54 @@ class TextClassification(ClassificationTask):
 
     # -- batches ------------------------------------------------------------------------------
     def encode(self, s: TextSet) -> Encoded:
-        max_length = self.config.train.max_length
-        kwargs = {"text_pair": s.pairs} if s.pairs is not None else {}
-        enc = self.tokenizer(s.texts, truncation=True, max_length=max_length, **kwargs)
-        ids = enc["input_ids"]
-        # Only rows that came out exactly max_length long can have been cut: re-tokenize just those.
-        full_len = [i for i, x in enumerate(ids) if len(x) == max_length]
-        truncated = 0
-        if full_len:
-            again = self.tokenizer(
-                [s.texts[i] for i in full_len],
-                text_pair=[s.pairs[i] for i in full_len] if s.pairs is not None else None,
-                truncation=False,
-            )["input_ids"]
-            truncated = sum(1 for x in again if len(x) > max_length)
-        extra = {"token_type_ids": enc["token_type_ids"]} if s.pairs is not None and "token_type_ids" in enc else {}
-        return Encoded(ids, extra, self._label_tensor(s.labels) if s.labels and s.labels[0] is not None else None, truncated)
+        """Tokenized in chunks straight into flat arrays: the tokenizer's per-token objects never exist for
+        the whole set at once (peak memory stays flat as the data grows)."""
+        max_length, chunk = self.config.train.max_length, 2048
+        ids, types, truncated = [], [], 0
+        for a in range(0, len(s.texts), chunk):
+            texts = s.texts[a : a + chunk]
+            pairs = s.pairs[a : a + chunk] if s.pairs is not None else None
+            kwargs = {"text_pair": pairs} if pairs is not None else {}
+            enc = self.tokenizer(texts, truncation=True, max_length=max_length, **kwargs)
+            ids.append(Ragged.from_rows(enc["input_ids"]))
+            if pairs is not None and "token_type_ids" in enc:
+                types.append(Ragged.from_rows(enc["token_type_ids"]))
+            # Only rows that came out exactly max_length long can have been cut: re-tokenize just those.
+            full_len = [i for i, x in enumerate(enc["input_ids"]) if len(x) == max_length]
+            if full_len:
+                again = self.tokenizer([texts[i] for i in full_len], text_pair=[pairs[i] for i in full_len] if pairs else None,
+                                       truncation=False)["input_ids"]
+                truncated += sum(1 for x in again if len(x) > max_length)
+        extra = {"token_type_ids": Ragged.join(types)} if types else {}
+        labels = self._label_tensor(s.labels) if s.labels and s.labels[0] is not None else None
+        return Encoded(Ragged.join(ids), extra, labels, truncated)
+
+    def card(self) -> dict[str, str]:
+        return {"library_name": "transformers", "pipeline_tag": "text-classification", "usage": """
+With tunesmith: `tunesmith predict RUN "some text"`, or in Python `tunesmith.load("RUN").predict(["some text"])`.
+
+With plain transformers (a sentence-transformers base classifies from its mean token: tunesmith restores that
+pooler for you; plain `from_pretrained` gives the family's own head on this folder):
+
+```python
+from transformers import pipeline
+clf = pipeline("text-classification", model="RUN/model")
+print(clf("some text", top_k=None))
+```
+"""}
+
+    def token_preview(self, n: int) -> tuple[list[TokenView], list[str]]:
+        """The first training rows after truncation; the label is the target, no token is."""
+        s = self.load_data().train
+        enc = self.encode(s.subset(list(range(min(n, len(s)))), "preview", s.source))
+        views = []
+        for i, ids in enumerate(enc.input_ids):
+            pieces = self.tokenizer.convert_ids_to_tokens([int(t) for t in ids])
+            label = s.labels[i] if isinstance(s.labels[i], str) else "|".join(s.labels[i])
+            cut = " (truncated)" if len(ids) == self.config.train.max_length else ""
+            views.append(TokenView(s.where[i], [(p, int(t), None) for p, t in zip(pieces, ids)],
+                                   f"label {label}, {len(ids)} tokens{cut}"))
+        return views, []
 
     def _label_tensor(self, labels: list[Any]) -> torch.Tensor:
         index = {l: i for i, l in enumerate(self.labels)}
