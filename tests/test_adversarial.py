@@ -611,26 +611,46 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "ass
                                  "content": st.text(max_size=40) | st.none() | st.integers()})
 
 
+TURN = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "observation", "function_call", "alien", ""]),
+                               "value": st.text(max_size=30) | st.none() | st.just('{"name": "f", "arguments": {}}')})
+CALL = st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none() | st.just(""),
+                              "tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
+                                  {"name": st.text(max_size=8), "arguments": JSON})}), max_size=2) | JSON})
+
+
+def _row(fmt: str, messages: Any) -> Any:
+    if fmt == "sharegpt":
+        return {"conversations": messages}
+    if fmt == "conversational":
+        cut = len(messages) // 2 if isinstance(messages, list) else 0
+        return {"prompt": messages[:cut], "completion": messages[cut:]} if isinstance(messages, list) else {"prompt": messages, "completion": []}
+    return {"messages": messages, **({"tools": [{"type": "function", "function": {"name": "f"}}]} if fmt == "tools" else {})}
+
+
 @FUZZ
-@given(conversations=st.lists(st.lists(MESSAGE, max_size=5) | JSON, min_size=1, max_size=4))
-def test_generated_conversations_are_read_and_tokenized_or_named(conversations, fuzz_dir, tiny_llama_dir):
-    """Rows of any shape are named as bad or read; every row read renders and tokenizes with the template."""
+@given(fmt=st.sampled_from(["chat", "tools", "sharegpt", "conversational"]), conversations=st.lists(
+    st.lists(MESSAGE | CALL, max_size=5) | st.lists(TURN, max_size=5) | JSON, min_size=1, max_size=4))
+def test_generated_conversations_are_read_and_tokenized_or_named(fmt, conversations, fuzz_dir, tiny_llama_dir):
+    """Rows of any shape, in each chat format, are named as bad or read; every row read renders and tokenizes
+    with a template (one that renders tools for the tool rows)."""
     from transformers import AutoTokenizer
 
-    from conftest import CHATML
     from tunesmith.config import DataConfig, LMConfig
     from tunesmith.data.chat import read_lm_set, tokenize_chat
 
+    from test_chat_formats import TOOLS_TEMPLATE
+
     tok = _TOKENIZERS.setdefault("llama", AutoTokenizer.from_pretrained(str(tiny_llama_dir)))
     path = fuzz_dir / "chat.jsonl"
-    path.write_text("".join(json.dumps({"messages": c} if isinstance(c, list) else c) + "\n" for c in conversations),
+    path.write_text("".join(json.dumps(_row(fmt, c) if isinstance(c, list) else c) + "\n" for c in conversations),
                     encoding="utf-8", errors="surrogatepass")
+    lm_format = "chat" if fmt == "tools" else fmt
 
     def read_and_tokenize():
-        s = read_lm_set(str(path), DataConfig(train=str(path), bad_rows="skip"), LMConfig(format="chat"), "train")
+        s = read_lm_set(str(path), DataConfig(train=str(path), bad_rows="skip"), LMConfig(format=lm_format), "train")
         for e in s.examples:
-            t = tokenize_chat(tok, CHATML, e.messages, "assistant")
-            assert len(t.ids) == len(t.trained) == len(t.answer) and any(t.answer)
+            t = tokenize_chat(tok, TOOLS_TEMPLATE, e.messages, "assistant", tools=e.tools)
+            assert len(t.ids) == len(t.trained) == len(t.answer) and any(t.trained)
 
     _one_line_user_error(read_and_tokenize)
 

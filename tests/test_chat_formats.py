@@ -143,7 +143,7 @@ def test_show_tokens_marks_what_the_loss_covers_and_the_packed_rows(make_lm_conf
     assert main(["validate", str(cfg), "--show-tokens", "1"]) == 0
     out = capsys.readouterr().out
     block = out.split(f"{path}:1: ")[1]
-    assert block.startswith("66 tokens, ")
+    assert block.startswith("66 tokens, ") and "; [brackets]: the loss covers it" in block.split("\n")[0]
     line = block.split("\n")[1]
     # piped: the trained tokens are bracketed, and they are exactly the two answers and their end tokens
     bracketed = [p.split("(")[0] for p in line.split(" ") if p.startswith("[")]

@@ -66,7 +66,7 @@ def test_train_predict_eval_end_to_end(make_config, tmp_path, data_dir):
         ({"data": {"text_column": "review"}}, ["no column 'review'", "columns in the file: text, label"]),
         ({"model": "bert-base-uncased"}, ["hub cannot be reached", "minilm-l6"]),
         ({"model": "minilm-l7"}, ["did you mean 'minilm-l6'"]),
-        ({"strategy": {"name": "lora2"}}, ["run.yaml:", "unknown strategy 'lora2'", "known: auto, feature-extraction, freeze, full, gradual-unfreeze, head-only, lora"]),
+        ({"strategy": {"name": "lora2"}}, ["run.yaml:", "unknown strategy 'lora2'", "known: auto, contrastive, feature-extraction, freeze, full, gradual-unfreeze, head-only, lora"]),
         ({"optim": {"lrr": 1}}, ["unknown key 'optim.lrr'", "did you mean 'lr'"]),
     ],
 )
@@ -143,4 +143,4 @@ def test_strategies_command_lists_every_strategy():
     proc = cli("strategies")
     assert proc.returncode == 0
     names = [line.split()[0] for line in proc.stdout.splitlines()]
-    assert names == ["auto", "feature-extraction", "freeze", "full", "gradual-unfreeze", "head-only", "lora"]
+    assert names == ["auto", "contrastive", "feature-extraction", "freeze", "full", "gradual-unfreeze", "head-only", "lora"]

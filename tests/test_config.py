@@ -46,7 +46,7 @@ def test_bad_value_names_key_and_value(tmp_path):
 
 
 def test_unknown_strategy_lists_known(tmp_path):
-    with pytest.raises(UserError, match="unknown strategy 'ful'.*did you mean 'full'.*known: auto, feature-extraction, freeze, full, gradual-unfreeze, head-only, lora"):
+    with pytest.raises(UserError, match="unknown strategy 'ful'.*did you mean 'full'.*known: auto, contrastive, feature-extraction, freeze, full, gradual-unfreeze, head-only, lora"):
         load_config(write(tmp_path, BASE), ["strategy.name=ful"])
 
 

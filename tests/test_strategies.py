@@ -7,6 +7,7 @@ the new 2-way head 2x32+2 = 66. Total 21,698.
 """
 
 import json
+import math
 import re
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_nonsense_that_needs_the_model_fails_before_training(make_config, tmp_pa
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"name": "fulll"}, "unknown strategy 'fulll' (did you mean 'full'?); known: auto, feature-extraction, freeze"),
+    ({"name": "fulll"}, "unknown strategy 'fulll' (did you mean 'full'?); known: auto, contrastive, feature-extraction, freeze"),
     ({"name": "freeze"}, "needs strategy.train_last_n"),
     ({"name": "full", "train_last_n": 2}, "train_last_n applies to strategy 'freeze'"),
     ({"name": "lora", "layer_decay": 0.8}, "layer_decay combines with full, freeze and gradual-unfreeze"),
@@ -400,3 +401,29 @@ def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
     assert not backbone.training and model[2].training
     model(torch.randn(8, 3, 8, 8) * 5 + 3)
     assert torch.equal(backbone[1].running_mean, before) and backbone[1].num_batches_tracked.item() == tracked
+
+
+def test_contrastive_tunes_the_body_on_pairs_then_a_head_and_exports(make_config, tiny_model_dir, data_dir):
+    """SetFit: stage 1 trains every body weight (not the head) on pairs with the cosine loss, validated by a
+    logistic regression on its embeddings; stage 2 trains the head on freshly computed mean-pooled features."""
+    res = tunesmith.train(make_config(strategy={"name": "contrastive", "pairs_per_row": 8, "body_epochs": 2}, optim={"epochs": 2}),
+                          quiet=True)
+    ev = res.eval
+    stages = [o["strategy"] for o in ev["optimizer"]]
+    assert stages == ["contrastive", "feature-extraction"] and ev["strategy"] == "contrastive"
+    assert ev["optimizer"][0]["steps"] == 2 * math.ceil(96 * 8 * 2 / 16)  # 8 partners of each kind per row, 2 epochs
+    assert {g["name"] for g in ev["optimizer"][0]["groups"]} == {"backbone"}  # with and without weight decay
+    log = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    pair_losses = [r["loss"] for r in log if r["type"] == "train" and r["step"] <= ev["optimizer"][0]["steps"]]
+    assert np.mean(pair_losses[-4:]) < 0.7 * np.mean(pair_losses[:4])
+    moved = changed(initial(tiny_model_dir), trained(res.run_dir))
+    assert any(k.startswith("bert.encoder.layer.0.") for k in moved) and "bert.embeddings.word_embeddings.weight" in moved
+    assert ev["after"]["accuracy"] >= 0.9 and "kept_stage" not in ev
+    # the export (tuned body, head on its mean-pooled output) predicts what the run measured on test
+    from tunesmith.metrics import classification_metrics
+
+    test_rows = [l.split(",") for l in (data_dir / "test.csv").read_text().splitlines()[1:]]
+    clf = tunesmith.load(res.run_dir)
+    y = np.array([clf.labels.index(l) for _, l in test_rows])
+    m = classification_metrics(clf.logits([t for t, _ in test_rows]), y, clf.labels, False)
+    assert m["loss"] == pytest.approx(ev["after"]["loss"], abs=1e-5)

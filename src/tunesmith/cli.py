@@ -167,10 +167,10 @@ def _print_tokens(views: list[Any], layout: list[str]) -> None:
 
     console = Console(highlight=False, soft_wrap=True)
     color = console.is_terminal
-    legend = ("[green]green[/green]: the loss covers it" if color else "[brackets]: the loss covers it")
+    legend = "[green]green[/green]: the loss covers it" if color else "[brackets]: the loss covers it"
     for v in views:
-        console.print(f"\n{escape(v.where)}: {escape(v.note)}" + (f"; {legend}" if any(t for _, _, t in v.tokens) else ""),
-                      markup=True)
+        head = f"\n{escape(v.where) if color else v.where}: {escape(v.note) if color else v.note}"
+        console.print(head + (f"; {legend}" if any(t for _, _, t in v.tokens) else ""), markup=color)
         parts = []
         for piece, i, trained in v.tokens:
             shown = piece.replace("\n", "\\n").replace("\t", "\\t")

@@ -372,7 +372,8 @@ class Recipe:
         """Counters that belong to one stage start afresh (the step count runs on across stages)."""
         s = self.state
         # a later stage must beat the one before on validation to be kept: remember where it starts
-        self.previous = (s.best_metric, s.best_step, self.snapshot() if i > 0 and s.best_metric is not None else None)
+        comparable = i > 0 and s.best_metric is not None and self.stage.compare_previous
+        self.previous = (s.best_metric, s.best_step, self.snapshot() if comparable else None)
         s.stage, s.epoch, s.window, s.replay = i, 1, 0, None
         s.best_metric, s.best_step, s.evals_without_gain, s.stop, s.stopped_early = None, 0, 0, False, False
         self.best_state = None
@@ -744,7 +745,7 @@ class Recipe:
         if self.replay is not None:
             ev["data"]["replay"] = {"rows": len(self.replay), "source": self.replay.source, "samples_seen": self.replay_seen}
         trainable, frozen = self.stage_counts  # what the strategy chose, before any unfreezing
-        ev.update(labels=self.data.labels, task=self.cfg.task, strategy=self.stage.strategy.name, model=self.cfg.model,
+        ev.update(labels=self.data.labels, task=self.cfg.task, strategy=self.cfg.strategy.name, model=self.cfg.model,
                   strategy_reason=self.cfg.strategy.reason)
         ev["parameters"] = {"trainable": trainable, "frozen": frozen, "trainable_at_end": count_params(trained)[0]}
 

@@ -38,8 +38,12 @@ def _metrics_table(ev: dict[str, Any]) -> list[str]:
 
 def model_card(cfg: "Config", ev: dict[str, Any], card: dict[str, str]) -> str:
     """README.md for a run's model/: `card` is what the task declares (library_name, pipeline_tag, usage)."""
-    from tunesmith import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("tunesmith")
+    except PackageNotFoundError:  # a source tree that was never installed
+        __version__ = "(source)"
     base = base_model_id(cfg.model)
     data = ev.get("data", {})
     labels = ev.get("labels") or []

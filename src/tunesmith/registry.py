@@ -77,6 +77,7 @@ STRATEGIES: Registry[Any] = Registry("strategy", {
     "full": "tunesmith.strategies.full:Full",
     "head-only": "tunesmith.strategies.head_only:HeadOnly",
     "feature-extraction": "tunesmith.strategies.feature_extraction:FeatureExtraction",
+    "contrastive": "tunesmith.strategies.contrastive:Contrastive",
     "freeze": "tunesmith.strategies.freeze:Freeze",
     "gradual-unfreeze": "tunesmith.strategies.gradual_unfreeze:GradualUnfreeze",
     "lora": "tunesmith.strategies.lora:Lora",

@@ -105,6 +105,8 @@ class Stage:
     lr: float | None = None  # None: optim.lr, else the strategy's default_lr
     role: str = ""  # what the stage is for, shown when there are several
     first_step: int = 0  # set by the loop: the run's step count when this stage began
+    compare_previous: bool = True  # kept only if it beats the stage before on validation (False: that stage's
+    # model cannot stand alone, e.g. a body tuned on pairs whose head this stage trains first)
 
 
 class BaseStrategy:

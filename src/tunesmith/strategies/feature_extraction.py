@@ -185,6 +185,7 @@ class FeatureExtraction(BaseStrategy):
 
     def __init__(self, config: Any = None):
         super().__init__(config)
+        self.use_cache = True  # False after a stage that changed the backbone (contrastive): features computed afresh
         # A linear head on fixed features is logistic regression: it wants a larger step than a head
         # trained through a backbone (MiniLM, 1,000 rows, 3 epochs: accuracy 0.664 at 1e-3, 0.741 at
         # 1e-2). An MLP head keeps 1e-3.
@@ -284,7 +285,10 @@ class FeatureExtraction(BaseStrategy):
             ).hexdigest()[:32]
             path = root / f"{key}.safetensors"
             t0 = time.perf_counter()
-            if path.exists():
+            if not self.use_cache:
+                feats = self._extract(model, task, e, rt.device, rt.amp, rt.batch_size)
+                cached = False
+            elif path.exists():
                 stored = load_file(str(path))
                 feats, first = stored["features"], bool(stored["first_token"].item())
                 self.first_token = first if self.first_token is None else self.first_token
@@ -299,7 +303,7 @@ class FeatureExtraction(BaseStrategy):
             seconds = time.perf_counter() - t0
             info[split] = {"rows": len(e), "cached": cached, "key": key, "seconds": seconds}
             rt.print(f"features: {split} {len(e)} rows ({self.pooling} pooling), {'read from cache' if cached else 'computed'} "
-                          f"in {seconds:.1f} s ({path})")
+                          f"in {seconds:.1f} s" + (f" ({path})" if self.use_cache else " (not cached: the backbone was tuned)"))
             out[split] = Features(feats, e.labels)
         info["dim"] = int(next(iter(out.values())).features.shape[-1])
         info["pooling"] = self.pooling

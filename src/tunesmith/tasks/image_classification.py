@@ -88,8 +88,8 @@ def data_config_of(resolved: ResolvedModel) -> dict[str, Any]:
 
 class ImageClassification(ClassificationTask):
     name = "image-classification"
-    refuses = {"lora": "strategy lora is not available for image-classification; use full, freeze, gradual-unfreeze, "
-                       "head-only or feature-extraction"}
+    refuses = {name: f"strategy {name} is not available for image-classification; use full, freeze, gradual-unfreeze, "
+                     "head-only or feature-extraction" for name in ("lora", "contrastive")}
 
     def __init__(self, config: "Config"):
         super().__init__(config)
