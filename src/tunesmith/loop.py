@@ -273,6 +273,7 @@ class Recipe:
             cfg.strategy = chosen
         self.strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
         self.enc = {s.name: self.task.encode(s) for s in (self.data.train, self.data.validation, self.data.test)}
+        self.task.encoded()  # training reads the token ids; the texts can go
         for line in self.task.describe(self.enc):
             console.print(line)
         self.precision = resolve_precision(cfg.train.precision, self.device)

@@ -28,13 +28,21 @@ class TextSet:
     labels: list[Any]  # str, or list[str] for multi-label; None when unlabelled
     where: list[str]  # file:line of each example
     bad: list[tuple[str, str]] = field(default_factory=list)  # (file:line, problem) of each skipped row
+    released: int | None = None  # rows, once the texts are dropped (see `release`)
 
     @property
     def skipped(self) -> int:
         return len(self.bad)
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return self.released if self.released is not None else len(self.texts)
+
+    def release(self) -> None:
+        """Drop the texts and their file:line once the set is tokenized: training reads only the token ids,
+        and a run's memory should not grow with the size of the corpus (benchmarks/bench_memory.py)."""
+        self.released = len(self)
+        self.texts, self.where = [], []
+        self.pairs = [] if self.pairs is not None else None
 
     def subset(self, idx: list[int], name: str, source: str) -> "TextSet":
         return TextSet(

@@ -236,6 +236,11 @@ print(clf("some text", top_k=None))
 ```
 """}
 
+    def encoded(self) -> None:
+        if self._prepared is not None:
+            for s in (self._prepared.train, self._prepared.validation, self._prepared.test):
+                s.release()
+
     def token_preview(self, n: int) -> tuple[list[TokenView], list[str]]:
         """The first training rows after truncation; the label is the target, no token is."""
         s = self.load_data().train
