@@ -76,6 +76,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_timm_dir(tmp_path_factory) -> Path:
+    """timm's test_efficientnet (356k parameters, batch norm), random weights, as a timm directory."""
+    import timm
+    import torch
+
+    d = tmp_path_factory.mktemp("tiny-timm")
+    torch.manual_seed(0)
+    timm.models.save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(d), safe_serialization=True)
+    return d
+
+
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     d = tmp_path / "data"

@@ -394,17 +394,6 @@ CASES: list[Case] = [
 
 
 # -- the world the cases run in: tiny models, good data, three finished runs --------------------------
-@pytest.fixture(scope="module")
-def tiny_timm(tmp_path_factory):
-    import timm
-    import torch
-
-    d = tmp_path_factory.mktemp("adv-timm")
-    torch.manual_seed(0)
-    timm.models.save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(d), safe_serialization=True)
-    return d
-
-
 def png(path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,11 +416,11 @@ def base_configs(world: dict[str, str], out: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir, tiny_llama_dir, tiny_timm) -> dict[str, str]:
+def world(tmp_path_factory, tiny_model_dir, tiny_llama_dir, tiny_timm_dir) -> dict[str, str]:
     import tunesmith
 
     root = tmp_path_factory.mktemp("adv-world")
-    w = {"model": str(tiny_model_dir), "llama": str(tiny_llama_dir), "timm": str(tiny_timm),
+    w = {"model": str(tiny_model_dir), "llama": str(tiny_llama_dir), "timm": str(tiny_timm_dir),
          "text": str(root / "text"), "chat": str(root / "chat"), "images": str(root / "images")}
     (root / "text").mkdir()
     for k, seed in (("train", 1), ("validation", 2), ("test", 3)):

@@ -10,9 +10,8 @@ import json
 import pytest
 
 from conftest import CHATML, write_jsonl
-from tunesmith.config import load_config
+from test_causal_lm import CONVO, _task
 from tunesmith.data.chat import IGNORE, tokenize_chat
-from tunesmith.registry import TASKS
 
 # A ChatML template with tools, in the shape of Qwen2.5's: specs in the system turn, calls as JSON
 TOOLS_TEMPLATE = (
@@ -25,14 +24,8 @@ TOOLS_TEMPLATE = (
     "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-MESSAGES = [
-    {"role": "system", "content": "be brief"},
-    {"role": "user", "content": "my printer is offline"},
-    {"role": "assistant", "content": "turn the printer off and on again"},
-    {"role": "user", "content": "the wifi keeps dropping"},
-    {"role": "assistant", "content": "move closer to the router"},
-]
-SHAREGPT = {"system": "be brief", "conversations": [
+MESSAGES = CONVO
+SHAREGPT = {"system": CONVO[0]["content"], "conversations": [
     {"from": "human", "value": "my printer is offline"}, {"from": "gpt", "value": "turn the printer off and on again"},
     {"from": "human", "value": "the wifi keeps dropping"}, {"from": "gpt", "value": "move closer to the router"}]}
 # TRL conversational: the first exchange is context, only the completion is trained
@@ -51,12 +44,6 @@ def tok(tiny_llama_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-
-
-def _task(cfg):
-    task = TASKS.get("causal-lm")(load_config(cfg))
-    task.load_tokenizer(task.resolve())
-    return task
 
 
 def _encoded_train(make_lm_config, tmp_path, rows, name, **sections):
@@ -143,13 +130,13 @@ def test_show_tokens_marks_what_the_loss_covers_and_the_packed_rows(make_lm_conf
     assert main(["validate", str(cfg), "--show-tokens", "1"]) == 0
     out = capsys.readouterr().out
     block = out.split(f"{path}:1: ")[1]
-    assert block.startswith("66 tokens, ") and "; [brackets]: the loss covers it" in block.split("\n")[0]
+    assert block.startswith("70 tokens, ") and "; [brackets]: the loss covers it" in block.split("\n")[0]
     line = block.split("\n")[1]
     # piped: the trained tokens are bracketed, and they are exactly the two answers and their end tokens
     bracketed = [p.split("(")[0] for p in line.split(" ") if p.startswith("[")]
     t = tokenize_chat(tok, CHATML, MESSAGES, "assistant")
     assert len(bracketed) == sum(t.trained) and sum(1 for b in bracketed if b == "[<|im_end|>") == 2
-    assert "rows: 2 of up to 140 tokens from 3 example(s) (packed)" in out and "row 0: 132 tokens = 66 + 66 (2 example(s)" in out
+    assert "rows: 2 of up to 140 tokens from 3 example(s) (packed)" in out and "row 0: 140 tokens = 70 + 70 (2 example(s)" in out
 
     assert main(["validate", str(cfg), "--show-tokens", "2", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["show_tokens"]

@@ -28,17 +28,6 @@ def make_images(root, n, seed, size=(40, 48)):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_timm_dir(tmp_path_factory):
-    """timm's test_efficientnet (356k parameters, batch norm), random weights, as a timm directory."""
-    import timm
-
-    d = tmp_path_factory.mktemp("tiny-timm")
-    torch.manual_seed(0)
-    timm.models.save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(d), safe_serialization=True)
-    return d
-
-
 @pytest.fixture
 def images(tmp_path):
     make_images(tmp_path / "train", 16, 0)

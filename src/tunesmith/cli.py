@@ -200,8 +200,6 @@ def _cmd_lr_find(a: argparse.Namespace) -> int:
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    if a.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
     if not (a.temperature >= 0 and 0 < a.top_p <= 1 and a.top_k >= 0 and a.repetition_penalty > 0) or a.temperature > 100:
         raise UserError("--temperature must be in [0, 100], --top-p in (0, 1], --top-k >= 0, --repetition-penalty > 0 "
                         f"(got {a.temperature}, {a.top_p}, {a.top_k}, {a.repetition_penalty})")

@@ -58,9 +58,6 @@ from tunesmith.strategies.guards import anchor_for
 from tunesmith.tasks.base import Runtime
 
 
-FAILED = "failed.json"  # in a run directory: the run stopped on this error (see Recipe.mark_failed)
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -160,7 +157,6 @@ class Recipe:
         self.metrics_log: MetricsLog | None = None
         self.lock: Any = None  # the run directory's lock, once this run holds it
         self.created = False  # this run made output_dir (removed again if it fails before writing anything)
-        self.started = False  # config.yaml written: from here on a failure is recorded in failed.json
         self.events = Observers([])
         self.interrupted: dict[str, int] = {}
         self.rng_to_restore: tuple[Any, Any] | None = None  # a resumed run's RNG state, set when fitting starts
@@ -345,17 +341,16 @@ class Recipe:
             ckpts = (cfg.train.keep_checkpoints + 2) * per_ckpt if (cfg.train.checkpoint_every or cfg.train.checkpoint_epochs) else 0
             runlock.check_disk(out, int(weights * 1.2) + ckpts + 50 * 2**20, "the model and checkpoints this run writes")
         if main:
-            (out / FAILED).unlink(missing_ok=True)  # this run replaces the record of one that failed here
+            (out / runlock.FAILED).unlink(missing_ok=True)  # this run replaces the record of one that failed here
         if cfg.overwrite and main and self.resume_from is None:
             for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR):
                 p = out / stale
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if main:  # with the rate actually used (a strategy's default, a found one), not null
             save_config(cfg, out / "config.yaml", lr=float(self.lr))
-        self.started = True
+        self.opened = True  # config.yaml written: from here on a failure is recorded in failed.json
         self.metrics_log = MetricsLog(out / "metrics.jsonl" if main else None,
                                       self.saved["step"] if self.resume_from is not None else None)
-        self.opened = True
         self.events = Observers([
             ConsoleProgress(self.console, self.task.unit, show=not (self.quiet or not main)),
             self.metrics_log,
@@ -756,7 +751,7 @@ class Recipe:
         if not self.main:
             return
         out = self.out
-        if not self.started:  # stopped before writing anything: leave the directory as it was
+        if not self.opened:  # stopped before writing anything: leave the directory as it was
             if self.lock is not None:
                 self.lock.close()
                 self.lock = None
@@ -775,9 +770,9 @@ class Recipe:
         if not user_error:
             record["traceback"] = traceback.format_exc()
         try:
-            tmp = out / (FAILED + ".tmp")
+            tmp = out / (runlock.FAILED + ".tmp")
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-            os.replace(tmp, out / FAILED)
+            os.replace(tmp, out / runlock.FAILED)
         except OSError:
             pass  # the disk that failed the run may refuse this too; the error still reaches the user
         if self.lock is not None:
@@ -792,14 +787,14 @@ class Recipe:
         if self.main:
             tmp = out / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
+            card = self.task.card()
+            card["usage"] = card["usage"].replace("RUN", str(out))
             try:
                 saved = self.stage.strategy.save(self.whole_model(), self.task, tmp)
+                (tmp / "README.md").write_text(model_card(self.cfg, {**ev, "lr": float(self.lr)}, card), encoding="utf-8")
             except OSError as e:  # a full disk, a quota: the half-written copy goes, an older model/ stays
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise UserError(f"writing the model to {tmp} failed: {e.strerror or e}; nothing was replaced") from None
-            card = self.task.card()
-            card["usage"] = card["usage"].replace("RUN", str(out))
-            (tmp / "README.md").write_text(model_card(self.cfg, {**ev, "lr": float(self.lr)}, card), encoding="utf-8")
             self.parts.model = saved  # LoRA: the merged model
             shutil.rmtree(out / "model", ignore_errors=True)
             os.replace(tmp, out / "model")

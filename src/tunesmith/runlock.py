@@ -43,9 +43,12 @@ def check_disk(out: Path, need_bytes: int, what: str) -> None:
         )
 
 
+FAILED = "failed.json"  # in a run directory: the run stopped on this error (see loop.Recipe.mark_failed)
+
+
 def check_not_failed(run_dir: Path) -> None:
     """A run directory whose run stopped on an error (failed.json, no model/) is refused with that error."""
-    record = Path(run_dir) / "failed.json"
+    record = Path(run_dir) / FAILED
     if not record.exists() or (Path(run_dir) / "eval.json").exists():
         return
     try:

@@ -147,10 +147,6 @@ class ImageStore:
         data = os.pread(self._file.fileno(), c * h * w, offset)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(c, h, w)
 
-    @property
-    def nbytes(self) -> int:
-        return self._end
-
 
 class StoredImages(Sequence):
     """A list of images that lives in an ImageStore: indexing reads one image back."""

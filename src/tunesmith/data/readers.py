@@ -71,19 +71,7 @@ def _check_sample(path: Path) -> None:
         data = data[3:]
     if not more and not data.strip():
         raise UserError(f"{path} is empty")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if not (more and e.start >= len(data) - 3):  # not just a character cut by the sample's end
-            text = data.decode("utf-8", errors="surrogateescape")
-            bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
-            if bad > max(16, len(text) // 20):
-                line = data[: e.start].count(b"\n") + 1
-                raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8") from None
-        text = data.decode("utf-8", errors="surrogateescape")
-    if text.count("\x00") > max(16, len(text) // 20):
-        line = text[: text.index("\x00")].count("\n") + 1
-        raise UserError(f"{path}:{line}: contains NUL bytes; is this a binary file?")
+    _as_text(path, data, cut=more)
 
 
 class _Reporter:
@@ -104,12 +92,18 @@ def decode_text(path: Path) -> str:
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a leading BOM is dropped
+    return _as_text(path, data)
+
+
+def _as_text(path: Path, data: bytes, cut: bool = False) -> str:
+    """`data` decoded (bad bytes as lone surrogates); refused when mostly not UTF-8 or full of NULs.
+    `cut`: data is the start of a longer file, so only a character split at its very end is forgiven."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         text = data.decode("utf-8", errors="surrogateescape")
         bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
-        if bad > max(16, len(text) // 20):
+        if bad > max(16, len(text) // 20) and not (cut and e.start >= len(data) - 3):
             line = data[: e.start].count(b"\n") + 1
             raise UserError(
                 f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8"

@@ -9,7 +9,9 @@ on, and then the run says so.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,19 @@ from tunesmith.errors import UserError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def load_error(resolved: Any, e: BaseException) -> UserError:
-    """A model directory whose weights transformers cannot read (cut short, not safetensors, the wrong shapes)."""
-    return UserError(f"cannot load the weights of model '{resolved.spec}' from {resolved.path}: "
-                     f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}")
+@contextlib.contextmanager
+def loading_weights(resolved: Any, no_class: str) -> Iterator[None]:
+    """`from_pretrained`'s failures as one line: the family has no class for this task (`no_class` says
+    what is missing), or the weights cannot be read (cut short, not safetensors, the wrong shapes)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        if "Unrecognized configuration class" in str(e):
+            raise UserError(f"model '{resolved.spec}' {no_class}: {first}") from None
+        raise UserError(f"cannot load the weights of model '{resolved.spec}' from {resolved.path}: {first}") from None
 
 
 def check_weights_safety(resolved: Any, config: Any) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from tunesmith.data.batching import shard
@@ -53,7 +52,7 @@ from tunesmith.data.chat import (
 )
 from tunesmith.errors import UserError
 from tunesmith.models.resolve import ResolvedModel
-from tunesmith.models.safety import check_weights_safety, load_error
+from tunesmith.models.safety import check_weights_safety, loading_weights
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime, Task, TokenView
 from tunesmith.validate import DataReport, FileReport
 
@@ -296,15 +295,9 @@ class CausalLM(Task):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            with warnings.catch_warnings():
+            with loading_weights(resolved, "is not a causal language model"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=torch.float32, **remote)
-        except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
-                raise load_error(resolved, e) from None
-            raise UserError(f"model '{resolved.spec}' is not a causal language model: {str(e).splitlines()[0]}") from None
-        except (OSError, RuntimeError, SafetensorError) as e:
-            raise load_error(resolved, e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         model.config.use_cache = False

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from tunesmith.data.batching import Ragged, make_batches, pad_batch, shard
 from tunesmith.data.text import TextSet, check_known_labels, is_multi_label, read_text_set
 from tunesmith.errors import UserError
 from tunesmith.models.heads import mean_pool, sentence_transformers_pooling, use_mean_pooling
-from tunesmith.models.safety import check_weights_safety, load_error
+from tunesmith.models.safety import check_weights_safety, loading_weights
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime, TokenView
 from tunesmith.tasks.classification import ClassificationTask
 from tunesmith.validate import DataReport, classification_report, token_lengths
@@ -160,17 +159,11 @@ class TextClassification(ClassificationTask):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # we report the new head ourselves, in one line
         try:
-            with warnings.catch_warnings():
+            with loading_weights(resolved, "has no sequence-classification head class"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     path, config=hf_config, ignore_mismatched_sizes=True, output_loading_info=True, **remote
                 )
-        except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
-                raise load_error(resolved, e) from None
-            raise UserError(f"model '{resolved.spec}' has no sequence-classification head class: {str(e).splitlines()[0]}") from None
-        except (OSError, RuntimeError, SafetensorError) as e:
-            raise load_error(resolved, e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         pooling = (self.config.strategy.model_extra or {}).get("pooling", "auto")  # feature-extraction's key
