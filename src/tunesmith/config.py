@@ -214,6 +214,10 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding, faster).")
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end of each epoch).")
     checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers (Accelerate's) that get metrics.jsonl's numbers: tensorboard "
+        "(event files in RUN/tensorboard), mlflow (RUN/mlflow.db, SQLite, unless MLFLOW_TRACKING_URI is set), wandb (offline "
+        "unless WANDB_MODE is set).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints (plus the one at the best validation step).")
     micro_batch_size: int | None = Field(
         None, gt=0, description="Run each batch as micro-batches of at most this many rows (per process), gradients accumulated: "
@@ -231,11 +235,42 @@ class TrainConfig(_Section):
     )
 
 
+class SweepParam(_Section):
+    """One searched key of `sweep:` (tunesmith sweep): a range (`low`, `high`, `log`, `step`; integers when
+    both ends are) or `choices`."""
+
+    low: int | float | None = Field(None, description="Lower end of the range.")
+    high: int | float | None = Field(None, description="Upper end of the range.")
+    log: bool = Field(False, description="Sample the range on a log scale (learning rates, weight decay).")
+    step: int | float | None = Field(None, gt=0, description="Sample only multiples of step from low.")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values to choose among (strategies, schedulers).")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SweepParam":
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None and ranged:
+            raise ValueError("give either low/high or choices, not both")
+        if self.choices is None and (self.low is None or self.high is None):
+            raise ValueError("give low and high (a range) or choices (a list)")
+        if ranged and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
+        if self.log and ranged and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not go together (Optuna samples one or the other)")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int) and (self.step is None or isinstance(self.step, int))
+
+
 class EvalConfig(_Section):
     before: bool = Field(True, description="Evaluate the starting model (its fresh head) on the test set before training.")
     linear_probe: bool = Field(True, description="Baseline: logistic regression on frozen mean-pooled features.")
     every_epoch: bool = Field(True, description="Evaluate on validation during training (needed for best-weights and early stopping).")
     batch_size: int = Field(64, gt=0, description="Batch size for evaluation and prediction.")
+    report: bool = Field(True, description="Write report.html (curves, baselines, confusion matrix, mistakes) at the end of the run.")
 
 
 class ImageConfig(_Section):
@@ -292,6 +327,9 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/run", description="Where the run directory is written.")
+    sweep: dict[str, SweepParam] = Field(
+        default_factory=dict, description="tunesmith sweep: the search space, dotted config key -> {low, high, log} or {choices}."
+    )
     overwrite: bool = Field(False, description="Replace a finished run in output_dir.")
     resume: bool | Literal["auto"] = Field(
         False, description="Continue from the newest checkpoint in output_dir: true (it must exist), auto (if there is one), false."
@@ -415,16 +453,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     raw = copy.deepcopy(raw)
     for item in overrides:
         parts, value = parse_override(item)
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise UserError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
-            node = nxt
-        node[parts[-1]] = value
+        set_key(raw, parts, value, f"override '{item}'")
     return raw
+
+
+def dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"optim.lr": 3e-5, ...}: the keys the command line and sweeps use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def set_key(raw: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
+    """raw[a][b][c] = value for the dotted key a.b.c, making sections on the way."""
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"{what}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -470,9 +524,9 @@ def _format_error(err: dict[str, Any], source: str | None, lines: dict[tuple[str
         return f"{where}{'.'.join(loc[:-1])}: needs more values (item {int(loc[-1]) + 1} is missing)"
     if kind == "missing":
         return f"{where}missing required key '{key}'"
-    if kind == "value_error":
+    if kind == "value_error":  # a validator's own words; the key named when they do not name it
         msg = str(err.get("ctx", {}).get("error", err["msg"]))
-        return f"{where}{msg}"
+        return f"{where}{key}: {msg}" if key and key not in msg else f"{where}{msg}"
     return f"{where}{key}: {err['msg']}{_got(err.get('input'))}"
 
 
@@ -546,4 +600,6 @@ def save_config(config: Config, path: Path, lr: float | None = None) -> None:
     raw = config.to_dict()
     if lr is not None:
         raw["optim"]["lr"] = lr
+    if not raw.get("sweep"):
+        raw.pop("sweep", None)  # only a sweep's own config has a search space
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

@@ -36,3 +36,8 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Stopped(Exception):
+    """An observer stopped a run on purpose before its end (a sweep pruned an unpromising trial): the run
+    directory records it (failed.json with status "pruned") and holds no model."""

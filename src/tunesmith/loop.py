@@ -45,10 +45,11 @@ from torch import nn
 from tunesmith import checkpoint, runlock
 from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
-from tunesmith.errors import Interrupted, UserError
+from tunesmith.errors import Interrupted, Stopped, UserError
 from tunesmith.model_card import model_card
 from tunesmith.models.layers import enable_gradient_checkpointing
-from tunesmith.observers import Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers
+from tunesmith.observers import (Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers, ReportPage,
+                                 Trackers, check_trackers)
 from tunesmith.optim import build_optimizer, build_scheduler
 from tunesmith.precision import autocast_dtype, resolve_precision
 from tunesmith.registry import STRATEGIES, TASKS
@@ -100,6 +101,7 @@ def preflight(cfg: Config, keep_going: bool = False) -> tuple[Any, Any, Any]:
     task = TASKS.get(cfg.task)(cfg)
     resolved, tokenizer, problem, notes = None, None, None, []
     try:
+        check_trackers(cfg.train.report_to)
         resolved = task.resolve()
         tokenizer = task.load_tokenizer(resolved)
         notes = task.check_limits(resolved, tokenizer)
@@ -172,6 +174,9 @@ class Recipe:
             return self.recipe()
         except Interrupted:
             raise  # a checkpoint was written and the message says how to resume
+        except Stopped as e:
+            self.mark_failed(e, user_error=True, status="pruned")
+            raise
         except UserError as e:
             self.mark_failed(e, user_error=True)
             raise
@@ -269,7 +274,6 @@ class Recipe:
             cfg.strategy = chosen
         self.strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
         self.enc = {s.name: self.task.encode(s) for s in (self.data.train, self.data.validation, self.data.test)}
-        self.task.encoded()  # training reads the token ids; the texts can go
         for line in self.task.describe(self.enc):
             console.print(line)
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -291,7 +295,7 @@ class Recipe:
         self.lr = stage.lr or cfg.optim.fixed_lr() or self.task.strategy_lr.get(strategy.name) or strategy.default_lr
         trainable, frozen = self.stage_counts = count_params(model)
         self.console.print(f"strategy: {strategy.name}; parameters: {trainable:,} trainable, {frozen:,} frozen")
-        self.console.print(param_table(self.groups, self.lr))
+        self.console.print(param_table(self.groups, self.lr, self.head_rate()))
         if trainable == 0:
             raise UserError(f"strategy '{strategy.name}' leaves no trainable parameters")
         if cfg.train.gradient_checkpointing:
@@ -343,7 +347,8 @@ class Recipe:
         if main:
             (out / runlock.FAILED).unlink(missing_ok=True)  # this run replaces the record of one that failed here
         if cfg.overwrite and main and self.resume_from is None:
-            for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR):
+            for stale in ("eval.json", "metrics.jsonl", "model", checkpoint.DIR, "report.html", "report", "samples.md", "samples.jsonl",
+                          "tensorboard", "mlflow.db", "mlflow-artifacts", "trackers.json", "wandb"):
                 p = out / stale
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if main:  # with the rate actually used (a strategy's default, a found one), not null
@@ -356,6 +361,8 @@ class Recipe:
             self.metrics_log,
             Checkpointer(cfg.train.checkpoint_every, cfg.train.checkpoint_epochs),
             EarlyStopping(cfg.train.early_stopping),
+            ReportPage(),
+            *([Trackers(cfg.train.report_to, out, self.user_config)] if cfg.train.report_to and main else []),
             *self.extra_observers,
         ])
 
@@ -378,10 +385,7 @@ class Recipe:
         """AdamW and the schedule from the strategy's groups; a resumed run gets its saved state back."""
         cfg = self.cfg
         self.epochs, self.total_steps = self.budget()
-        # a new head beside pre-trained weights gets its own, higher rate (alone, it has the stage's rate)
-        beside = any(g.params for g in self.groups if g.name != "head")
-        head_lr = (cfg.optim.head_lr or max(self.task.head_lr or 0.0, self.lr)) if beside else None
-        self.optimizer = build_optimizer(self.groups, cfg.optim, self.lr, head_lr)
+        self.optimizer = build_optimizer(self.groups, cfg.optim, self.lr, self.head_rate())
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.ev.setdefault("optimizer", []).append({
             "stage": self.state.stage, "strategy": self.stage.strategy.name, "lr": self.lr, "steps": self.total_steps,
@@ -399,6 +403,11 @@ class Recipe:
         self.stage.first_step = self.state.step
         self.restore_checkpoint()
         self.last_step = self.stage.first_step + self.total_steps  # the step count runs on across stages
+
+    def head_rate(self) -> float | None:
+        """A new head beside pre-trained weights gets its own, higher rate; alone, it has the stage's rate (None)."""
+        beside = any(g.params for g in self.groups if g.name != "head")
+        return (self.cfg.optim.head_lr or max(self.task.head_lr or 0.0, self.lr)) if beside else None
 
     def budget(self) -> tuple[int, int]:
         """(epochs, optimizer steps) of this stage: epochs raised on small data until optim.min_steps is reached."""
@@ -422,7 +431,7 @@ class Recipe:
             self.console.print(f"note: the checkpoint was written by {resumed['rng_world']} process(es), this run has "
                                f"{self.world}: random streams (dropout) do not continue exactly")
         with torch.no_grad():
-            named = dict(self.trainable_params)
+            named = self.state_tensors(moving=True)
             for n, t in resumed["weights"].items():
                 named[n].copy_(t.to(named[n].device))
         self.best_state = resumed["best"]
@@ -596,7 +605,9 @@ class Recipe:
         mean_loss = self.running_loss.item() / max(s.running_n, 1)  # host-device sync, once per log step
         self.running_loss.zero_()
         s.running_n = 0
-        record = {"type": "train", "step": s.step, "epoch": epoch, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[-1],
+        lrs = self.scheduler.get_last_lr()
+        record = {"type": "train", "step": s.step, "epoch": epoch, "loss": mean_loss, "lr": lrs[-1],
+                  "lr_groups": {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups, lrs))},
                   "samples_per_s": s.samples / elapsed, "tokens_per_s": s.tokens / elapsed}
         if self.cfg.strategy.l2sp and self.anchor is not None:
             record["l2sp_distance"] = self.anchor.distance()
@@ -611,8 +622,8 @@ class Recipe:
         improved = self.task.better(metric, m[metric], s.best_metric)
         if improved:
             s.best_metric, s.best_step, s.evals_without_gain = m[metric], s.step, 0
-            # a CPU copy of the trainable weights only: frozen ones cannot change
-            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_params}
+            # a CPU copy of what can change (trainable weights, batch-norm statistics): frozen weights cannot
+            self.best_state = {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors(moving=True).items()}
         else:
             s.evals_without_gain += 1
         self.events.validation_end(self, m, improved)
@@ -637,7 +648,7 @@ class Recipe:
         state = {**asdict(s), "train_time": s.train_time + in_segment, "replay": replay, "running_loss": self.running_loss.item(),
                  "scheduler": self.scheduler.state_dict(), "config": self.user_config, "lr": self.lr,
                  "lr_find": self.found, "stage_first_step": self.stage.first_step}
-        path = checkpoint.save(self.out, s.step, dict(self.trainable_params), self.best_state, self.optimizer, state,
+        path = checkpoint.save(self.out, s.step, self.state_tensors(moving=True), self.best_state, self.optimizer, state,
                                self.cfg.train.keep_checkpoints, s.best_step, rng=rng)
         self.events.checkpoint(self, path)
         return path
@@ -683,17 +694,19 @@ class Recipe:
         if self.best_state is None:
             return
         with torch.no_grad():
-            for n, p in self.accelerator.unwrap_model(self.train_model).named_parameters():
+            for n, t in self.state_tensors(moving=True).items():
                 if n in self.best_state:
-                    p.copy_(self.best_state[n].to(p.device))
+                    t.copy_(self.best_state[n].to(t.device))
         if s.stopped_early or s.best_step != s.step:
             self.console.print(f"restored the best weights (step {s.best_step}, validation {self.cfg.train.metric} "
                                f"{s.best_metric:.4f})")
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every parameter and floating buffer (batch-norm statistics move in training too)."""
+    def state_tensors(self, moving: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter and floating buffer (batch-norm statistics move in training too); `moving`: only the
+        parameters that may train, with the buffers: what the best copy and checkpoints hold."""
         model = self.view.model  # this stage's model (stage set-up has run; the optimizer may not have)
-        return {**{n: b for n, b in model.named_buffers() if b.is_floating_point()}, **dict(model.named_parameters())}
+        params = self.trainable_params if moving else model.named_parameters()
+        return {**{n: b for n, b in model.named_buffers() if b.is_floating_point()}, **dict(params)}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors().items()}
@@ -745,7 +758,7 @@ class Recipe:
                   strategy_reason=self.cfg.strategy.reason)
         ev["parameters"] = {"trainable": trainable, "frozen": frozen, "trainable_at_end": count_params(trained)[0]}
 
-    def mark_failed(self, e: BaseException, user_error: bool) -> None:
+    def mark_failed(self, e: BaseException, user_error: bool, status: str = "failed") -> None:
         """A run that stops on an error leaves a directory that says so: failed.json with the error, where it
         stopped and whether a checkpoint can resume it. One that fails before writing anything leaves nothing."""
         if not self.main:
@@ -758,11 +771,12 @@ class Recipe:
                 if self.created:
                     shutil.rmtree(out, ignore_errors=True)
             return
+        self.events.run_failed(self, e)  # metrics.jsonl closed, trackers finished
         if self.metrics_log is not None:
             self.metrics_log.close()
         ckpt = checkpoint.latest(out)
         record = {
-            "status": "failed", "error": str(e) or type(e).__name__, "type": type(e).__name__,
+            "status": status, "error": str(e) or type(e).__name__, "type": type(e).__name__,
             "user_error": user_error, "step": self.state.step, "stage": self.state.stage,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(ckpt) if ckpt is not None else None,
             "resume": "tunesmith train CONFIG --resume" if ckpt is not None else None,

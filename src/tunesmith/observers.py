@@ -11,6 +11,7 @@ Events, in the order a run sees them:
     checkpoint(run, path)      a checkpoint was written
     fit_end(run)
     run_end(run, ev)           eval.json is written
+    run_failed(run, error)     the run stopped on an error (failed.json is written)
 
 `run` is the `tunesmith.loop.Recipe`: observers read its state (`run.state`, `run.cfg`) and may ask
 it to stop (`run.state.stop = True`) or to checkpoint (`run.save_checkpoint()`). Trackers, the
@@ -38,6 +39,7 @@ class Observer:
     def checkpoint(self, run: Any, path: Path | None) -> None: ...
     def fit_end(self, run: Any) -> None: ...
     def run_end(self, run: Any, ev: dict[str, Any]) -> None: ...
+    def run_failed(self, run: Any, error: BaseException) -> None: ...
 
 
 class Observers(Observer):
@@ -81,6 +83,13 @@ class Observers(Observer):
     def run_end(self, run: Any, ev: dict[str, Any]) -> None:
         for o in self.observers:
             o.run_end(run, ev)
+
+    def run_failed(self, run: Any, error: BaseException) -> None:
+        for o in self.observers:
+            try:
+                o.run_failed(run, error)
+            except Exception:  # noqa: BLE001 - the run's own error is the one to report
+                pass
 
 
 class ConsoleProgress(Observer):
@@ -177,3 +186,119 @@ class EarlyStopping(Observer):
     def validation_end(self, run: Any, metrics: dict[str, Any], improved: bool) -> None:
         if self.patience and run.state.evals_without_gain >= self.patience:
             run.state.stop = True
+
+
+class ReportPage(Observer):
+    """report.html once eval.json is written (main process, `eval.report`). The run is finished by then:
+    a report that cannot be drawn is a warning and the command `tunesmith report RUN` to retry."""
+
+    def run_end(self, run: Any, ev: dict[str, Any]) -> None:
+        if not run.main or not run.cfg.eval.report:
+            return
+        from tunesmith import run_report
+
+        try:
+            path = run_report.write(run.out)
+        except Exception as e:  # noqa: BLE001 - drawing must never turn a finished run into a failed one
+            run.console.print(f"[yellow]warning: report.html was not written ({type(e).__name__}: {e}); "
+                              f"`tunesmith report {run.out}` tries again[/yellow]")
+        else:
+            run.console.print(f"report: {path}")
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb", "wandb")}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each tracker train.report_to names can be imported: checked before training, with the pip command."""
+    import importlib.util
+
+    from tunesmith.errors import UserError
+
+    for name in names:
+        module, package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None and not (name == "tensorboard" and importlib.util.find_spec("tensorboard")):
+            raise UserError(f"train.report_to: {name} needs the {package} package: pip install {package} "
+                            f"(or pip install 'tunesmith[track]'), or remove {name} from train.report_to")
+
+
+class Trackers(Observer):
+    """train.report_to: the numbers of metrics.jsonl (and the test results at the end) through Accelerate's
+    trackers, under the same names: `train/loss`, `train/lr`, `validation/macro_f1`, `test/after/accuracy`.
+    Local by default: TensorBoard event files in RUN/tensorboard, an MLflow store in RUN/mlflow.db (SQLite, the
+    local store MLflow 3 keeps up to date; `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`), W&B offline
+    in RUN/wandb. A resumed run logs into the same MLflow run (its id is kept in RUN/trackers.json)."""
+
+    def __init__(self, names: list[str], out: Path, config: dict[str, Any]):
+        self.names, self.out, self.config = list(names), out, config
+        self.trackers: list[Any] = []
+
+    def fit_start(self, run: Any, stage: Any) -> None:
+        if self.trackers or not run.main:
+            return
+        import os
+
+        from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+        state_file = self.out / "trackers.json"
+        state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.exists() else {}
+        for name in self.names:
+            if name == "tensorboard":
+                tracker = TensorBoardTracker("tensorboard", str(self.out))
+            elif name == "mlflow":
+                import logging
+
+                import mlflow
+
+                for noisy in ("mlflow", "alembic"):  # "Creating initial MLflow database tables..." is not for people
+                    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+                if not os.environ.get("MLFLOW_TRACKING_URI"):  # SQLite in the run directory: MLflow 3's local store
+                    mlflow.set_tracking_uri(f"sqlite:///{(self.out / 'mlflow.db').resolve()}")
+                tracker = MLflowTracker(experiment_name="tunesmith", run_id=state.get("mlflow_run_id"), run_name=self.out.name,
+                                        logging_dir=(self.out / "mlflow-artifacts").resolve().as_uri())
+            else:
+                os.environ.setdefault("WANDB_MODE", "offline")
+                os.environ.setdefault("WANDB_DIR", str(self.out))
+                tracker = WandBTracker("tunesmith", name=self.out.name)
+            tracker.start()
+            self.trackers.append(tracker)
+            if name == "mlflow":
+                state["mlflow_run_id"] = tracker.active_run.info.run_id
+        state_file.write_text(json.dumps(state), encoding="utf-8")
+        from tunesmith.config import dotted
+
+        params = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in dotted(self.config).items()}
+        for t in self.trackers:
+            t.store_init_configuration(params)
+
+    def log(self, run: Any, record: dict[str, Any]) -> None:
+        if record["type"] == "train":
+            values = {f"train/{k}": v for k, v in record.items() if k not in ("type", "step", "epoch", "lr_groups")}
+            values.update({f"train/lr/{g}": v for g, v in (record.get("lr_groups") or {}).items()})
+        elif record["type"] == "eval":
+            values = {f"{record.get('split', 'validation')}/{k}": v for k, v in record.items()
+                      if k not in ("type", "step", "epoch", "split", "n")}
+        else:
+            return
+        self._log(values, record["step"])
+
+    def run_failed(self, run: Any, error: BaseException) -> None:
+        self.close()
+
+    def run_end(self, run: Any, ev: dict[str, Any]) -> None:
+        values = {f"test/{section}/{k}": v for section in ("before", "linear_probe", "after")
+                  for k, v in (ev.get(section) or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._log(values, run.state.step)
+        self.close()
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.finish()
+        self.trackers = []
+
+    def _log(self, values: dict[str, Any], step: int) -> None:
+        values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for t in self.trackers:
+            t.log(values, step=step)
+

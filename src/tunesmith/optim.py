@@ -22,18 +22,23 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
 
 
+def group_lr(group: "ParamGroup", lr: float, head_lr: float | None) -> float:
+    """A group's rate: `head_lr` for the group named "head" when given, else the base rate times its lr_scale."""
+    return head_lr if head_lr is not None and group.name == "head" else lr * group.lr_scale
+
+
 def build_optimizer(groups: list["ParamGroup"], cfg: "OptimConfig", lr: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """`head_lr`: the rate of the group named "head" (a new head training beside pre-trained weights)."""
     torch_groups = []
     for g in groups:
-        group_lr = head_lr if head_lr is not None and g.name == "head" else lr * g.lr_scale
+        rate = group_lr(g, lr, head_lr)
         # Every parameter a strategy lists, frozen or not: gradual unfreezing turns some on later,
         # and AdamW skips parameters without a gradient.
         decay = [p for n, p in g.params if not _no_decay(n, p)]
         plain = [p for n, p in g.params if _no_decay(n, p)]
         for params, wd in ((decay, cfg.weight_decay), (plain, 0.0)):
             if params:
-                torch_groups.append({"params": params, "lr": group_lr, "weight_decay": wd, "name": g.name})
+                torch_groups.append({"params": params, "lr": rate, "weight_decay": wd, "name": g.name})
     # fused AdamW: one kernel over all tensors (CPU and CUDA) instead of a loop of small ops.
     return torch.optim.AdamW(torch_groups, lr=lr, betas=cfg.betas, fused=True)
 

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tunesmith.optim import group_lr
+
 
 def make_console(quiet: bool) -> Console:
     return Console(stderr=False, quiet=quiet, highlight=False, soft_wrap=True)
@@ -36,14 +38,14 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def param_table(groups: list[Any], lr: float) -> Table:
+def param_table(groups: list[Any], lr: float, head_lr: float | None = None) -> Table:
     t = Table(title="parameter groups", title_justify="left")
     t.add_column("group")
     t.add_column("params", justify="right")
     t.add_column("trainable now", justify="right")
     t.add_column("lr", justify="right")
     for g in groups:
-        t.add_row(g.name, f"{g.numel:,}", f"{g.trainable:,}", f"{lr * g.lr_scale:.2e}")
+        t.add_row(g.name, f"{g.numel:,}", f"{g.trainable:,}", f"{group_lr(g, lr, head_lr):.2e}")
     return t
 
 

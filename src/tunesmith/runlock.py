@@ -56,5 +56,6 @@ def check_not_failed(run_dir: Path) -> None:
     except (OSError, ValueError):
         info = {}
     resume = "; resume it with tunesmith train CONFIG --resume" if info.get("checkpoint") else ""
-    raise UserError(f"the run in {run_dir} failed at step {info.get('step', '?')} and holds no model: "
+    what = "was pruned by a sweep" if info.get("status") == "pruned" else "failed"
+    raise UserError(f"the run in {run_dir} {what} at step {info.get('step', '?')} and holds no model: "
                     f"{str(info.get('error', 'see failed.json'))[:300]}{resume}")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 SHOWN = 20  # malformed rows listed per file; the rest are counted
 IMBALANCE = 10.0  # warn when the largest class has this many times the rows of the smallest
@@ -173,18 +175,18 @@ def token_lengths(tokenizer: Any, texts: list[str], pairs: list[str] | None) -> 
     return out
 
 
-def duplicates_and_conflicts(keys: list[Any], labels: list[Any]) -> tuple[int, int]:
-    """(rows repeating an earlier key, keys seen with more than one label)."""
-    seen: dict[Any, set] = {}
-    dup = 0
-    for k, l in zip(keys, labels):
-        lab = tuple(l) if isinstance(l, list) else l
-        if k in seen:
-            dup += 1
-            seen[k].add(lab)
-        else:
-            seen[k] = {lab}
-    return dup, sum(1 for v in seen.values() if len(v) > 1)
+def duplicates_and_conflicts(keys: np.ndarray, labels: list[Any]) -> tuple[int, int]:
+    """(rows repeating an earlier key, keys seen with more than one label), from 64-bit row hashes:
+    sorted arrays, not a dictionary of the rows, so the check's memory is a few bytes a row."""
+    codes: dict[Any, int] = {}
+    lab = np.fromiter((codes.setdefault(tuple(l) if isinstance(l, list) else l, len(codes)) for l in labels),
+                      dtype=np.int64, count=len(labels))
+    order = np.lexsort((lab, keys))
+    k, c = keys[order], lab[order]
+    same_key = k[1:] == k[:-1]
+    group = np.concatenate([[0], np.cumsum(~same_key)])  # one id per distinct key
+    differs = same_key & (c[1:] != c[:-1])  # sorted by label within a key: a change is a second label
+    return int(same_key.sum()), len(np.unique(group[1:][differs]))
 
 
 def read_files(
@@ -223,7 +225,7 @@ def read_files(
 def classification_report(
     files: list[tuple[str, str | None]],
     read: Callable[[str, str], Any],
-    keys: Callable[[Any], list[Hashable]],
+    keys: Callable[[Any], np.ndarray],
     multi_label: Callable[[list[Any]], bool],
     data: Any,
     seed: int,
@@ -234,7 +236,8 @@ def classification_report(
 
     `files` are (split, path) pairs; `read(path, split)` reads one with bad rows skipped (a
     UserError for a file that can't be read at all) and returns a set with `labels`, `where`,
-    `bad` and `subset`; `keys(set)` gives each row's exact-duplicate key (the text, the pixels).
+    `bad` and `subset`; `keys(set)` gives each row's exact-duplicate key, a 64-bit hash (`key_hash`
+    of the text, of the pixels).
     Validation and test parts missing from `files` are split from train, as training does.
     """
     from tunesmith.data.text import label_names, stratified_split
@@ -269,7 +272,7 @@ def classification_report(
         else:
             sets.update(parts)
             rep.files[1:1] = [FileReport(n, parts[n].source) for n in missing]
-    row_keys = {split: keys(s) for split, s in sets.items()}
+    row_keys = {split: np.asarray(keys(s), dtype=np.int64) for split, s in sets.items()}
     for f in rep.files:
         s = sets.get(f.split)
         if s is None:
@@ -278,9 +281,8 @@ def classification_report(
         f.labels = Counter(l for ls in s.labels for l in (ls if multi else [ls]))
         f.duplicates, f.conflicts = duplicates_and_conflicts(row_keys[f.split], s.labels)
     if "train" in sets:
-        train_keys = set(row_keys["train"])
         for split in ("validation", "test"):
             if split in sets:
-                rep.overlap[split] = sum(1 for k in row_keys[split] if k in train_keys)
+                rep.overlap[split] = int(np.isin(row_keys[split], row_keys["train"]).sum())
     rep.check_labels(multi)
     return rep, sets, names, multi

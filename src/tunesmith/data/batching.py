@@ -15,54 +15,68 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from tunesmith.data.store import Records, RecordsBuilder, Spill
+
 
 class Ragged:
-    """Rows of token ids of different lengths, in one flat int32 array and its row offsets.
+    """Rows of token ids of different lengths, int32, kept on disk (`tunesmith.data.store`): 16 bytes a
+    row stay in memory, the ids are read back a batch at a time. A list of lists of Python ints (what a
+    tokenizer returns) costs about 36 bytes a token in memory, so a run's memory grew with the corpus
+    (measured in benchmarks/bench_memory.py)."""
 
-    4 bytes a token and two objects for a whole data set; a list of lists of Python ints (what a
-    tokenizer returns) costs about 36 bytes a token and one object per token, so memory stayed
-    tied to the corpus size (measured in benchmarks/bench_memory.py)."""
-
-    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
-        self.flat, self.offsets = flat, offsets
+    def __init__(self, records: Records):
+        self.records = records
 
     @classmethod
-    def from_rows(cls, rows: Iterable[Sequence[int]]) -> "Ragged":
-        rows = list(rows)
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
-        return cls(flat, offsets)
+    def writer(cls, spill: Spill | None = None) -> "RaggedWriter":
+        return RaggedWriter(spill or Spill(prefix="tokens-"))
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[int]], spill: Spill | None = None) -> "Ragged":
+        w = cls.writer(spill)
+        w.extend(rows)
+        return w.done()
 
     @classmethod
     def join(cls, parts: Sequence["Ragged"]) -> "Ragged":
-        flat = np.concatenate([p.flat for p in parts]) if parts else np.zeros(0, np.int32)
-        offsets = [np.zeros(1, np.int64)]
-        base = 0
-        for p in parts:
-            offsets.append(p.offsets[1:] + base)
-            base += int(p.offsets[-1])
-        return cls(flat, np.concatenate(offsets))
+        return cls(Records.join([p.records for p in parts]))
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.records)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+        return np.frombuffer(self.records.get(i), dtype=np.int32)
+
+    def rows(self, idx: Sequence[int]) -> list[np.ndarray]:
+        """Several rows, neighbours read together."""
+        return [np.frombuffer(b, dtype=np.int32) for b in self.records.take(idx).range(0, len(idx))]
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        return (np.frombuffer(b, dtype=np.int32) for b in self.records.blocks())
 
     def __add__(self, other: "Ragged") -> "Ragged":
         return Ragged.join([self, other])
 
     @property
     def lengths(self) -> list[int]:
-        return np.diff(self.offsets).tolist()
+        return (self.records.sizes // 4).tolist()
 
     def take(self, idx: Sequence[int]) -> "Ragged":
-        return Ragged.from_rows([self[i] for i in idx])
+        return Ragged(self.records.take(idx))
+
+
+class RaggedWriter:
+    """Token id rows appended as they are tokenized (a chunk at a time)."""
+
+    def __init__(self, spill: Spill):
+        self.spill, self._out = spill, RecordsBuilder(spill)
+
+    def extend(self, rows: Iterable[Sequence[int]]) -> None:
+        for r in rows:
+            self._out.append(np.asarray(r, dtype=np.int32).tobytes())
+
+    def done(self) -> Ragged:
+        return Ragged(self._out.done())
 
 
 def make_batches(

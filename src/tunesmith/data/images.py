@@ -12,7 +12,6 @@ prediction centre-crop them, training augments them, and no image is decoded twi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from tunesmith.data.readers import SUPPORTED, read_table
+from tunesmith.data.store import Spill
 from tunesmith.data.text import require_column, label_value, line_of
 from tunesmith.errors import UserError
 
@@ -119,33 +119,22 @@ def decode(path: Path, pre: Preprocess) -> torch.Tensor:
 
 
 class ImageStore:
-    """Decoded images on disk, not in memory: one unlinked file in the cache folder, read back with
-    pread (through the page cache, never mapped into the process), so a training run's memory does not
-    grow with the number of images. 20,000 images at a 256-pixel resize are about 4 GB of pixels.
+    """Decoded images on disk, not in memory (a `Spill`: see tunesmith.data.store), so a training run's
+    memory does not grow with the number of images. 20,000 images at a 256-pixel resize are about
+    4 GB of pixels. The index (offset and shape of each image, 24 bytes) stays in memory."""
 
-    The file has no name once created (the space is freed when the process ends, even on SIGKILL);
-    the index (offset and shape of each image, 24 bytes) stays in memory."""
-
-    def __init__(self, directory: Path):
-        import tempfile
-
-        directory.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="images-")
-        self._end = 0
+    def __init__(self, directory: Path | None = None):
+        self._spill = Spill(directory, prefix="images-")
         self._index: list[tuple[int, int, int, int]] = []  # (offset, channels, height, width)
 
     def add(self, img: torch.Tensor) -> int:
         """Store a uint8 (C, H, W) image; returns its id."""
-        data = img.contiguous().numpy().tobytes()
-        os.pwrite(self._file.fileno(), data, self._end)
-        self._index.append((self._end, *img.shape))
-        self._end += len(data)
+        self._index.append((self._spill.append(img.contiguous().numpy().tobytes()), *img.shape))
         return len(self._index) - 1
 
     def get(self, i: int) -> torch.Tensor:
         offset, c, h, w = self._index[i]
-        data = os.pread(self._file.fileno(), c * h * w, offset)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(c, h, w)
+        return torch.frombuffer(bytearray(self._spill.read(offset, c * h * w)), dtype=torch.uint8).view(c, h, w)
 
 
 class StoredImages(Sequence):

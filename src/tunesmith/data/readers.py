@@ -13,6 +13,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tunesmith.errors import UserError
@@ -30,14 +31,38 @@ class Table:
     lines: list[int]  # the line (csv/tsv/jsonl) or row number (parquet) of each row, 1-based
 
     def where(self, i: int) -> str:
-        unit = "row" if self.path.suffix.lower() in (".parquet", ".pq") else "line"
-        return f"{self.path}:{self.lines[i]}" if unit == "line" else f"{self.path} row {self.lines[i]}"
+        return location(self.path, self.lines[i])
+
+
+def location(path: Path, line: int) -> str:
+    """`file:line`, or `file row N` for Parquet (no lines)."""
+    return f"{path} row {line}" if path.suffix.lower() in (".parquet", ".pq") else f"{path}:{line}"
+
+
+class Rows:
+    """A data file read as a stream: iterating yields (line, row) and never holds the file, nor its
+    rows, in memory. `columns` are the header's (CSV/TSV), the schema's (Parquet), or for JSON lines
+    every key met so far (complete once iterated)."""
+
+    def __init__(self, path: Path, columns: list[str], it: Iterator[tuple[int, dict[str, Any]]]):
+        self.path, self.columns, self._it = path, columns, it
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        return self._it
 
 
 Malformed = list[tuple[str, str]]
 
 
 def read_table(path: str | Path, max_rows: int | None = None, malformed: Malformed | None = None) -> Table:
+    """The whole file in memory (small files: image listings, conversations); `open_rows` streams."""
+    rows = open_rows(path, max_rows, malformed)
+    items = list(rows)
+    return Table(rows.path, rows.columns, [r for _, r in items], [n for n, _ in items])
+
+
+def open_rows(path: str | Path, max_rows: int | None = None, malformed: Malformed | None = None) -> Rows:
+    """The file's rows as a stream; problems with the whole file (missing, not text, a bad header) raise now."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
@@ -52,11 +77,23 @@ def read_table(path: str | Path, max_rows: int | None = None, malformed: Malform
         return _read_parquet(path, max_rows)
     _check_sample(path)
     report = _Reporter(path, malformed)
-    # streamed: the file is never held whole in memory, only the rows it yields
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    try:
         if fmt == "jsonl":
             return _read_jsonl(path, f, max_rows, report)
         return _read_delimited(path, f, "\t" if fmt == "tsv" else ",", max_rows, report)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _limited(f: TextIO, rows: Iterator[tuple[int, dict[str, Any]]], max_rows: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The first `max_rows` of `rows` (all when None); the file closes when they end."""
+    with f:
+        for n, item in enumerate(rows, start=1):
+            yield item
+            if max_rows and n >= max_rows:
+                return
 
 
 SAMPLE = 1 << 20  # the first MiB decides whether a file is text at all
@@ -127,7 +164,7 @@ def _bad_text(values: list[Any]) -> str | None:
     return None
 
 
-def _read_delimited(path: Path, f: TextIO, delimiter: str, max_rows: int | None, report: _Reporter) -> Table:
+def _read_delimited(path: Path, f: TextIO, delimiter: str, max_rows: int | None, report: _Reporter) -> Rows:
     reader = csv.reader(f, delimiter=delimiter, strict=True)
     try:
         header = next(reader)
@@ -143,38 +180,33 @@ def _read_delimited(path: Path, f: TextIO, delimiter: str, max_rows: int | None,
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
         raise UserError(f"{path}:1: duplicate column name(s) {', '.join(repr(d) for d in dupes)} in the header")
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []
-    while True:
-        start = reader.line_num + 1
-        try:
-            values = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            # the csv module stops for good at a broken quote: report it, the rest can't be read
-            report(start, f"{e}; the rows after it cannot be read")
-            break
-        if not values or (len(values) == 1 and not values[0].strip()):
-            continue  # a blank line
-        if len(values) != len(header):
-            report(start, f"{len(values)} fields, but the header has {len(header)}; quote fields that contain the delimiter")
-            continue
-        problem = _bad_text(values)
-        if problem:
-            report(start, problem)
-            continue
-        rows.append(dict(zip(header, values)))
-        lines.append(start)
-        if max_rows and len(rows) >= max_rows:
-            break
-    return Table(path, header, rows, lines)
+
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        while True:
+            start = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                # the csv module stops for good at a broken quote: report it, the rest can't be read
+                report(start, f"{e}; the rows after it cannot be read")
+                return
+            if not values or (len(values) == 1 and not values[0].strip()):
+                continue  # a blank line
+            if len(values) != len(header):
+                report(start, f"{len(values)} fields, but the header has {len(header)}; quote fields that contain the delimiter")
+                continue
+            problem = _bad_text(values)
+            if problem:
+                report(start, problem)
+                continue
+            yield start, dict(zip(header, values))
+
+    return Rows(path, header, _limited(f, rows(), max_rows))
 
 
-def _read_jsonl(path: Path, f: TextIO, max_rows: int | None, report: _Reporter) -> Table:
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []
-    columns: dict[str, None] = {}
+def _read_jsonl(path: Path, f: TextIO, max_rows: int | None, report: _Reporter) -> Rows:
     head = f.read(SAMPLE)
     if head.lstrip()[:1] == "[" and "\n" in head.strip():  # a pretty-printed .json array saved as .jsonl
         try:
@@ -185,41 +217,48 @@ def _read_jsonl(path: Path, f: TextIO, max_rows: int | None, report: _Reporter) 
             raise UserError(f"{path}: the file is one JSON array of {len(whole)} item(s), not JSON lines; a .jsonl file holds "
                             f"one JSON object per line: convert it with jq -c '.[]' {path.name} > {path.stem}-lines.jsonl")
     f.seek(0)
-    # lines end at \r\n, \n or a lone \r (a raw \r can't be inside a JSON string): a text file's own
-    # line splitting with newline="", not splitlines(), which would also break at \x1c, \x85 or
-    # U+2028, all legal inside a JSON string
-    for n, raw in enumerate(f, start=1):
-        if not raw.strip():
-            continue
-        problem = _bad_text([raw])
-        if problem:
-            report(n, problem)
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            report(n, f"not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        except ValueError as e:  # e.g. an integer with more digits than Python converts
-            report(n, f"not valid JSON ({str(e).split(';')[0]})")
-            continue
-        except RecursionError:
-            report(n, "not valid JSON (nested too deeply)")
-            continue
-        if not isinstance(obj, dict):
-            report(n, _not_an_object(obj, n))
-            continue
-        columns.update(dict.fromkeys(obj))
-        rows.append(obj)
-        lines.append(n)
-        if max_rows and len(rows) >= max_rows:
-            break
-    if not rows and not report.malformed:
-        raise UserError(f"{path} has no JSON lines")
-    if not rows:  # every line is malformed: nothing to check columns against, so say what the lines are
-        where, problem = report.malformed[0]
-        raise UserError(f"{where}: {problem} (no line of {path.name} could be read: {len(report.malformed)} malformed)")
-    return Table(path, list(columns), rows, lines)
+    columns: list[str] = []
+    seen: set[str] = set()
+
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        read = 0
+        # lines end at \r\n, \n or a lone \r (a raw \r can't be inside a JSON string): a text file's own
+        # line splitting with newline="", not splitlines(), which would also break at \x1c, \x85 or
+        # U+2028, all legal inside a JSON string
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            problem = _bad_text([raw])
+            if problem:
+                report(n, problem)
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                report(n, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            except ValueError as e:  # e.g. an integer with more digits than Python converts
+                report(n, f"not valid JSON ({str(e).split(';')[0]})")
+                continue
+            except RecursionError:
+                report(n, "not valid JSON (nested too deeply)")
+                continue
+            if not isinstance(obj, dict):
+                report(n, _not_an_object(obj, n))
+                continue
+            for k in obj:
+                if k not in seen:
+                    seen.add(k)
+                    columns.append(k)
+            read += 1
+            yield n, obj
+        if not read and not report.malformed:
+            raise UserError(f"{path} has no JSON lines")
+        if not read:  # every line is malformed: nothing to check columns against, so say what the lines are
+            where, problem = report.malformed[0]
+            raise UserError(f"{where}: {problem} (no line of {path.name} could be read: {len(report.malformed)} malformed)")
+
+    return Rows(path, columns, _limited(f, rows(), max_rows))
 
 
 _JSON_TYPES = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
@@ -237,17 +276,27 @@ def _not_an_object(obj: Any, line: int) -> str:
     return f"{what}, not an object: {hint}"
 
 
-def _read_parquet(path: Path, max_rows: int | None) -> Table:
+def _read_parquet(path: Path, max_rows: int | None) -> Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
-    if max_rows:
-        table = table.slice(0, max_rows)
-    rows = table.to_pylist()
-    if not rows:
+    if not pf.metadata.num_rows:
         raise UserError(f"{path} has no rows")
-    return Table(path, list(table.column_names), rows, list(range(1, len(rows) + 1)))
+
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        n = 0
+        try:
+            for batch in pf.iter_batches(batch_size=4096):  # a record batch at a time, never the whole table
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row
+                    if max_rows and n >= max_rows:
+                        return
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path} row {n + 1}: not readable ({e})") from None
+
+    return Rows(path, list(pf.schema_arrow.names), rows())

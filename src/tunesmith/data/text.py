@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.data.readers import Table, read_table
+import numpy as np
+
+from tunesmith.data.readers import Rows, Table, location, open_rows
+from tunesmith.data.store import RecordsBuilder, Spill, StoredStrings, as_int64, encode, key_hash
 from tunesmith.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:  # type hints only: config imports nothing of data/ and data/ nothing of config
@@ -21,41 +27,61 @@ if TYPE_CHECKING:  # type hints only: config imports nothing of data/ and data/ 
 
 @dataclass
 class TextSet:
+    """Rows of labelled text. The texts live on disk (`StoredStrings`), so a set costs about 40 bytes a
+    row of memory however long its texts: start and end offsets, a line number, a content hash and a
+    reference to its (shared) label."""
+
     name: str  # train | validation | test
     source: str  # the file, or "split from <file>"
-    texts: list[str]
-    pairs: list[str] | None
+    texts: Sequence[str]
+    pairs: Sequence[str] | None
     labels: list[Any]  # str, or list[str] for multi-label; None when unlabelled
-    where: list[str]  # file:line of each example
+    where: Sequence[str]  # file:line of each example
+    keys: np.ndarray  # a 64-bit hash of each row's text (and pair): duplicate and overlap checks
     bad: list[tuple[str, str]] = field(default_factory=list)  # (file:line, problem) of each skipped row
-    released: int | None = None  # rows, once the texts are dropped (see `release`)
 
     @property
     def skipped(self) -> int:
         return len(self.bad)
 
     def __len__(self) -> int:
-        return self.released if self.released is not None else len(self.texts)
-
-    def release(self) -> None:
-        """Drop the texts and their file:line once the set is tokenized: training reads only the token ids,
-        and a run's memory should not grow with the size of the corpus (benchmarks/bench_memory.py)."""
-        self.released = len(self)
-        self.texts, self.where = [], []
-        self.pairs = [] if self.pairs is not None else None
+        return len(self.texts)
 
     def subset(self, idx: list[int], name: str, source: str) -> "TextSet":
         return TextSet(
             name,
             source,
-            [self.texts[i] for i in idx],
-            [self.pairs[i] for i in idx] if self.pairs is not None else None,
+            _take(self.texts, idx),
+            _take(self.pairs, idx) if self.pairs is not None else None,
             [self.labels[i] for i in idx],
-            [self.where[i] for i in idx],
+            _take(self.where, idx),
+            self.keys[np.asarray(idx, dtype=np.int64)],
         )
 
 
-def require_column(table: Table, column: str, key: str) -> None:
+def _take(seq: Sequence[Any], idx: list[int]) -> Sequence[Any]:
+    return seq.take(idx) if hasattr(seq, "take") else [seq[i] for i in idx]
+
+
+class Lines(Sequence):
+    """`file:line` of each row, made when asked for from one int64 line number a row."""
+
+    def __init__(self, path: Path, lines: np.ndarray):
+        self.path, self.lines = path, lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return location(self.path, int(self.lines[i]))
+
+    def take(self, idx: list[int]) -> "Lines":
+        return Lines(self.path, self.lines[np.asarray(idx, dtype=np.int64)])
+
+
+def require_column(table: Table | Rows, column: str, key: str) -> None:
     if column not in table.columns:
         raise UserError(
             f"{table.path}: no column '{column}' (set by data.{key}){did_you_mean(column, table.columns)}; "
@@ -97,15 +123,20 @@ def text_problem(value: Any, what: str) -> str | None:
 
 
 def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) -> TextSet:
+    """The file's usable rows, streamed: texts go to disk as they are read (see TextSet)."""
     bad: list[tuple[str, str]] = []
-    table = read_table(path, cfg.max_rows, malformed=bad)
-    require_column(table, cfg.text_column, "text_column")
-    if cfg.text_pair_column:
-        require_column(table, cfg.text_pair_column, "text_pair_column")
-    if labelled:
-        require_column(table, cfg.label_column, "label_column")
-    texts, pairs, labels, where = [], [] if cfg.text_pair_column else None, [], []
-    for i, row in enumerate(table.rows):
+    rows = open_rows(path, cfg.max_rows, malformed=bad)
+    spill = Spill(prefix="texts-")
+    texts, pairs = RecordsBuilder(spill), RecordsBuilder(spill) if cfg.text_pair_column else None
+    labels: list[Any] = []
+    shared: dict[Any, Any] = {}  # one object per distinct label: a row costs a reference
+    lines, keys = array("q"), array("q")
+    needed = [(cfg.text_column, "text_column")] + ([(cfg.text_pair_column, "text_pair_column")] if cfg.text_pair_column else [])
+    needed += [(cfg.label_column, "label_column")] if labelled else []
+    for column, key in needed:  # CSV, TSV and Parquet know their columns now; JSON lines once read
+        if rows.columns:
+            require_column(rows, column, key)
+    for line, row in rows:
         text = row.get(cfg.text_column)
         problem = text_problem(text, "text")
         pair = None
@@ -116,19 +147,23 @@ def read_text_set(path: str, cfg: DataConfig, name: str, labelled: bool = True) 
         if labelled and problem is None and (label is None or label == []):
             problem = "label is missing or not a string/integer/list"
         if problem:
-            bad.append((table.where(i), problem))
+            bad.append((location(rows.path, line), problem))
             continue
-        texts.append(text)
+        texts.append(encode(text))
         if pairs is not None:
-            pairs.append(pair)
-        labels.append(label)
-        where.append(table.where(i))
+            pairs.append(encode(pair))
+        labels.append(shared.setdefault(tuple(label) if isinstance(label, list) else label, label))
+        lines.append(line)
+        keys.append(key_hash(text, pair))
+    for column, key in needed:
+        require_column(rows, column, key)
     bad.sort(key=lambda b: line_of(b[0]))
     if bad and cfg.bad_rows == "error":
         raise UserError(bad_rows_message(str(path), bad))
-    if not texts:
+    if not labels:
         raise UserError(f"{path}: no usable rows (all {len(bad)} rows are bad)" if bad else f"{path}: no data rows, only a header")
-    return TextSet(name, str(path), texts, pairs, labels, where, bad=bad)
+    return TextSet(name, str(path), StoredStrings(texts.done()), StoredStrings(pairs.done()) if pairs is not None else None,
+                   labels, Lines(rows.path, as_int64(lines)), as_int64(keys), bad)
 
 
 def line_of(where: str) -> int:

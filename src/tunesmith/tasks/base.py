@@ -165,9 +165,6 @@ class Task:
         return [f"train.max_length {asked} is more than model '{resolved.spec}' takes ({limit[0]} tokens: {limit[1]}); "
                 f"using {limit[0]}"]
 
-    def encoded(self) -> None:
-        """Called once the data sets are encoded for training: drop what only reading and checking needed."""
-
     def card(self) -> dict[str, str]:
         """What the exported model's card says about loading it: library_name, pipeline_tag (the hub's
         names) and usage (Markdown, with code)."""

@@ -88,13 +88,33 @@ class ClassificationTask(Task):
         return m
 
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
-        out = super().final(model, enc, rt, ev)
+        test = enc["test"]
+        acc = self.accumulator(test)
+        self.predict(model, test, acc, rt)
+        acc.merge(rt.gather)
+        out: dict[str, Any] = {"after": acc.compute()}
+        if not self.multi_label and test.labels is not None:
+            out["mistakes"] = self.mistakes(acc.rows, test.labels.numpy())
         guard = self.guard(ev)
         if guard is not None:
             out["guard"] = guard
             if guard["worse"]:
                 rt.print(f"[yellow]warning: {guard['message']}[/yellow]")
         return out
+
+    def mistakes(self, logits: np.ndarray, labels: np.ndarray, k: int = 16) -> list[dict[str, Any]]:
+        """The `k` test rows predicted wrong with the highest confidence (report.html shows them)."""
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        pred, conf = p.argmax(axis=1), p.max(axis=1)
+        wrong = np.nonzero(pred != labels)[0]
+        top = wrong[np.argsort(-conf[wrong], kind="stable")][:k]
+        return [{**self.example(int(i)), "label": self.labels[int(labels[i])], "predicted": self.labels[int(pred[i])],
+                 "confidence": float(conf[i])} for i in top]
+
+    def example(self, i: int) -> dict[str, Any]:
+        """Row `i` of the test set as a report shows it: `where`, and `text` or `image` (a path)."""
+        return {"where": f"test row {i + 1}"}
 
     def guard(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         """Is the fine-tuned model (its best validation score) worse than the better of the starting model and

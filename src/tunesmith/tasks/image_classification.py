@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from tunesmith.data.batching import shard
+from tunesmith.data.store import key_hash
 from tunesmith.data.images import ImageSet, ImageStore, Preprocess, StoredImages, center_crop, decode, normalize, read_image_set
-from tunesmith.models.cache import cache_root
 from tunesmith.errors import UserError
 from tunesmith.models.resolve import ResolvedModel
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime
@@ -164,7 +164,7 @@ print(labels[int(p.argmax())], float(p.max()))
                 return p, None, str(e)
 
         if self._store is None:
-            self._store = ImageStore(cache_root() / "images")
+            self._store = ImageStore()
         problems: dict[Path, str] = {}
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for p, img, why in pool.map(one, todo, chunksize=16):
@@ -173,7 +173,7 @@ print(labels[int(p.argmax())], float(p.max()))
                 else:
                     st = p.stat()
                     self._decoded[p] = self._store.add(img)
-                    self._content[p] = hashlib.sha1(img.numpy().tobytes()).hexdigest()
+                    self._content[p] = key_hash(img.numpy().tobytes())
                     self._keys[p] = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         return problems
 
@@ -207,7 +207,7 @@ print(labels[int(p.argmax())], float(p.max()))
         return ImageSet(s.name, s.source, [s.paths[i] for i in keep], [s.labels[i] for i in keep],
                         [s.where[i] for i in keep], bad)
 
-    def _content_key(self, p: Path) -> str:
+    def _content_key(self, p: Path) -> int:
         """Exact-duplicate key: the decoded pixels (the same picture saved twice is caught)."""
         return self._content[p]
 
@@ -217,6 +217,10 @@ print(labels[int(p.argmax())], float(p.max()))
             if not rep.ok:
                 raise UserError(rep.error_line())
         return self._prepared
+
+    def example(self, i: int) -> dict[str, Any]:
+        s = self.load_data().test
+        return {"where": s.where[i], "image": str(s.paths[i])}
 
     # -- model --------------------------------------------------------------------------------
     def load_model(self, resolved: ResolvedModel) -> tuple[nn.Module, list[str], list[str]]:

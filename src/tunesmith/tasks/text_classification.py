@@ -58,10 +58,10 @@ class Encoded:
         """A hash of the token ids: what a feature cache keys the data on."""
         h = hashlib.sha256()
         h.update(np.asarray(self.lengths, dtype=np.int64).tobytes())
-        h.update(self.input_ids.flat.astype(np.int64).tobytes())
-        for k in sorted(self.extra):
-            h.update(k.encode())
-            h.update(self.extra[k].flat.astype(np.int64).tobytes())
+        for name, part in [("", self.input_ids)] + [(k, self.extra[k]) for k in sorted(self.extra)]:
+            h.update(name.encode())
+            for row in part:  # streamed from disk, hashed as int64 as when the ids were in memory
+                h.update(row.astype(np.int64).tobytes())
         return h.hexdigest()
 
     def subset(self, idx: list[int]) -> "Encoded":
@@ -103,7 +103,7 @@ class TextClassification(ClassificationTask):
             files.append(("replay", self.config.strategy.replay.file))
         rep, sets, names, multi = classification_report(
             files, lambda path, split: read_text_set(path, collect, split),
-            keys=lambda s: list(zip(s.texts, s.pairs)) if s.pairs is not None else s.texts,
+            keys=lambda s: s.keys,
             multi_label=lambda found: is_multi_label(found, d), data=d, seed=self.config.train.seed,
         )
         rep.max_length = self.config.train.max_length
@@ -196,24 +196,27 @@ class TextClassification(ClassificationTask):
         """Tokenized in chunks straight into flat arrays: the tokenizer's per-token objects never exist for
         the whole set at once (peak memory stays flat as the data grows)."""
         max_length, chunk = self.config.train.max_length, 2048
-        ids, types, truncated = [], [], 0
-        for a in range(0, len(s.texts), chunk):
+        ids = Ragged.writer()
+        types = Ragged.writer(ids.spill) if s.pairs is not None else None
+        truncated, has_types = 0, False
+        for a in range(0, len(s), chunk):
             texts = s.texts[a : a + chunk]
             pairs = s.pairs[a : a + chunk] if s.pairs is not None else None
             kwargs = {"text_pair": pairs} if pairs is not None else {}
             enc = self.tokenizer(texts, truncation=True, max_length=max_length, **kwargs)
-            ids.append(Ragged.from_rows(enc["input_ids"]))
-            if pairs is not None and "token_type_ids" in enc:
-                types.append(Ragged.from_rows(enc["token_type_ids"]))
+            ids.extend(enc["input_ids"])
+            if types is not None and "token_type_ids" in enc:
+                types.extend(enc["token_type_ids"])
+                has_types = True
             # Only rows that came out exactly max_length long can have been cut: re-tokenize just those.
             full_len = [i for i, x in enumerate(enc["input_ids"]) if len(x) == max_length]
             if full_len:
                 again = self.tokenizer([texts[i] for i in full_len], text_pair=[pairs[i] for i in full_len] if pairs else None,
                                        truncation=False)["input_ids"]
                 truncated += sum(1 for x in again if len(x) > max_length)
-        extra = {"token_type_ids": Ragged.join(types)} if types else {}
+        extra = {"token_type_ids": types.done()} if has_types else {}
         labels = self._label_tensor(s.labels) if s.labels and s.labels[0] is not None else None
-        return Encoded(Ragged.join(ids), extra, labels, truncated)
+        return Encoded(ids.done(), extra, labels, truncated)
 
     def card(self) -> dict[str, str]:
         return {"library_name": "transformers", "pipeline_tag": "text-classification", "usage": """
@@ -229,10 +232,10 @@ print(clf("some text", top_k=None))
 ```
 """}
 
-    def encoded(self) -> None:
-        if self._prepared is not None:
-            for s in (self._prepared.train, self._prepared.validation, self._prepared.test):
-                s.release()
+    def example(self, i: int) -> dict[str, Any]:
+        s = self.load_data().test
+        text = s.texts[i] if s.pairs is None else f"{s.texts[i]} [pair] {s.pairs[i]}"
+        return {"where": s.where[i], "text": text if len(text) <= 600 else text[:600] + " ..."}
 
     def token_preview(self, n: int) -> tuple[list[TokenView], list[str]]:
         """The first training rows after truncation; the label is the target, no token is."""
@@ -258,9 +261,9 @@ print(clf("some text", top_k=None))
 
     def collate(self, enc: Encoded, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
         batch = pad_batch(
-            [enc.input_ids[i] for i in idx],
+            enc.input_ids.rows(idx),
             self.tokenizer.pad_token_id or 0,
-            {k: [v[i] for i in idx] for k, v in enc.extra.items()},
+            {k: v.rows(idx) for k, v in enc.extra.items()},
         )
         if enc.labels is not None:
             batch["labels"] = enc.labels[idx]
