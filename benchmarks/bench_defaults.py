@@ -16,6 +16,7 @@ Proxies:
 - rt-16pc, rt-64pc, debates-16pc: the few-shot end (16 or 64 training rows per class), up to 1,000
   of the rest held out.
 
+`--seeds N` makes each row the mean of N seeds (`tunesmith train --seeds`), with the tuned model's spread.
 `--old` runs the settings before the robust-defaults change (no step floor, the head at the
 backbone's rate, no class weights) for comparison. Prints one JSON line per run and a table.
 """
@@ -153,7 +154,22 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def run_one(proxy: str, base: dict, strategy: str, old: bool, out: Path, overrides: list[str]) -> dict:
+def run_seeds(proxy: str, cfg: dict, strategy: str, overrides: list[str], seeds: int) -> dict:
+    """The mean over `seeds` seeds (tunesmith.train_seeds), with the spread of the tuned model's macro-F1."""
+    import tunesmith
+
+    t = time.perf_counter()
+    s = tunesmith.train_seeds(cfg, seeds, overrides, quiet=True)
+    ev = json.loads((Path(s["runs"][0]) / "eval.json").read_text())
+    after = s["after"]["macro_f1"]
+    return {"proxy": proxy, "strategy": ev["strategy"], "asked": strategy, "old": False, "set": " ".join(overrides),
+            "before": s["before"]["macro_f1"]["mean"], "probe": (s.get("linear_probe") or {}).get("macro_f1", {}).get("mean"),
+            "after": after["mean"], "after_std": after["std"], "after_range": [after["min"], after["max"]],
+            "after_acc": s["after"]["accuracy"]["mean"], "steps": ev["train"]["steps"], "seeds": seeds,
+            "wall_s": round(time.perf_counter() - t, 1), "guard": (ev.get("guard") or {}).get("worse")}
+
+
+def run_one(proxy: str, base: dict, strategy: str, old: bool, out: Path, overrides: list[str], seeds: int = 1) -> dict:
     import tunesmith
 
     cfg = merge(base, {"strategy": {"name": strategy}, "output_dir": str(out), "overwrite": True})
@@ -163,6 +179,8 @@ def run_one(proxy: str, base: dict, strategy: str, old: bool, out: Path, overrid
         cfg = merge(cfg, OLD)
         if strategy not in ("auto", "head-only", "feature-extraction"):
             cfg = merge(cfg, {"optim": {"head_lr": STRATEGIES.get(strategy).default_lr}})
+    if seeds > 1:
+        return run_seeds(proxy, cfg, strategy, overrides, seeds)
     t = time.perf_counter()
     ev = tunesmith.train(cfg, overrides, quiet=True).eval
     metric = "macro_f1"
@@ -181,6 +199,7 @@ def main() -> None:
     p.add_argument("--old", action="store_true", help="also run the settings before the robust-defaults change")
     p.add_argument("--only-old", action="store_true")
     p.add_argument("--set", nargs="*", default=[], help="dotted key=value overrides for every run, e.g. optim.lr=1e-4")
+    p.add_argument("--seeds", type=int, default=1, help="N > 1: each row is the mean of N seeds, with the spread (train --seeds)")
     args = p.parse_args()
     rows = []
     root = Path(tempfile.mkdtemp(prefix="tunesmith-defaults-"))
@@ -192,7 +211,7 @@ def main() -> None:
             IMAGE_STRATEGIES if base["task"] == "image-classification" else TEXT_STRATEGIES)
         for s in names:
             for old in ([True] if args.only_old else [False, True] if args.old else [False]):
-                row = run_one(proxy, base, s, old, root / proxy / f"{s}-{'old' if old else 'new'}", args.set)
+                row = run_one(proxy, base, s, old, root / proxy / f"{s}-{'old' if old else 'new'}", args.set, args.seeds)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print("\n| proxy | strategy | settings | before | linear probe | after (macro-F1) | accuracy | steps | guard | wall s |")
@@ -200,8 +219,10 @@ def main() -> None:
     for r in rows:
         probe = f"{r['probe']:.3f}" if r["probe"] is not None else "-"
         settings = ("old" if r["old"] else "defaults") + (f" {r['set']}" if r["set"] else "")
+        after = f"{r['after']:.3f}" + (f" ± {r['after_std']:.3f} ({r['after_range'][0]:.3f}-{r['after_range'][1]:.3f}, "
+                                       f"{r['seeds']} seeds)" if "after_std" in r else "")
         print(f"| {r['proxy']} | {r['strategy']} | {settings} | {r['before']:.3f} | {probe} | "
-              f"{r['after']:.3f} | {r['after_acc']:.3f} | {r['steps']} | {'worse' if r['guard'] else '-'} | {r['wall_s']} |")
+              f"{after} | {r['after_acc']:.3f} | {r['steps']} | {'worse' if r['guard'] else '-'} | {r['wall_s']} |")
 
 
 if __name__ == "__main__":

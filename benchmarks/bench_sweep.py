@@ -56,7 +56,7 @@ def fe_sweep(work: Path, trials: int) -> dict:
     summary = tunesmith.sweep(cfg, trials=trials, quiet=True)
     seconds = time.perf_counter() - t0
     best = json.loads((Path(summary["best"]["run"]) / "eval.json").read_text())
-    return {"part": "feature-extraction sweep", "tool": "tunesmith sweep", "trials": len(summary["trials"]),
+    return {"part": "feature-extraction sweep", "tool": "tunesmith sweep", "trials": len(summary["trials"]), "pruned": summary["pruned"],
             "seconds": round(seconds, 1), "best_validation_macro_f1": round(summary["best"]["value"], 4),
             "best_test_accuracy": round(best["after"]["accuracy"], 4), "best_params": summary["best"]["params"]}
 

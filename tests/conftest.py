@@ -88,10 +88,8 @@ def tiny_timm_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    d.mkdir()
+def write_text_data(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
     write_csv(d / "train.csv", make_texts(96, seed=1))
     write_csv(d / "validation.csv", make_texts(32, seed=2))
     write_csv(d / "test.csv", make_texts(32, seed=3))
@@ -99,31 +97,37 @@ def data_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return write_text_data(tmp_path / "data")
+
+
+def text_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
+    """A config dict for the tiny model and data; keyword sections update it."""
+    cfg = {
+        "task": "text-classification",
+        "model": str(model_dir),
+        "data": {k: str(data_dir / f"{k}.csv") for k in ("train", "validation", "test")},
+        # lp_ft off: these tests pin one stage's exact behaviour; tests/test_defaults.py covers LP-FT
+        "strategy": {"name": "full", "lp_ft": False},
+        "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0, "min_steps": 0},
+        # fp32 everywhere: exact comparisons must not depend on whether this CPU has fast bf16
+        "train": {"max_length": 32, "seed": 0, "log_every": 1, "precision": "fp32"},
+        # report.html off (0.4-3 s a run): tests/test_run_report.py covers it
+        "eval": {"linear_probe": False, "report": False},
+        "output_dir": str(out),
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+@pytest.fixture
 def make_config(tiny_model_dir, data_dir, tmp_path):
     """A config dict for the tiny model and data; keyword sections update it."""
-
-    def make(**sections) -> dict:
-        cfg = {
-            "task": "text-classification",
-            "model": str(tiny_model_dir),
-            "data": {k: str(data_dir / f"{k}.csv") for k in ("train", "validation", "test")},
-            # lp_ft off: these tests pin one stage's exact behaviour; tests/test_defaults.py covers LP-FT
-            "strategy": {"name": "full", "lp_ft": False},
-            "optim": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "warmup": 0, "min_steps": 0},
-            # fp32 everywhere: exact comparisons must not depend on whether this CPU has fast bf16
-            "train": {"max_length": 32, "seed": 0, "log_every": 1, "precision": "fp32"},
-            # report.html off (0.4-3 s a run): tests/test_run_report.py covers it
-            "eval": {"linear_probe": False, "report": False},
-            "output_dir": str(tmp_path / "run"),
-        }
-        for k, v in sections.items():
-            if isinstance(v, dict):
-                cfg.setdefault(k, {}).update(v)
-            else:
-                cfg[k] = v
-        return cfg
-
-    return make
+    return lambda **sections: text_config(tiny_model_dir, data_dir, tmp_path / "run", **sections)
 
 
 CHATML = (

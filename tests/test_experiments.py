@@ -16,7 +16,7 @@ from tunesmith.loop import run as run_loop
 
 
 def test_seeds_summarise_the_runs_and_keep_finished_ones(make_config, tmp_path):
-    cfg = make_config(optim={"epochs": 2}, train={"seed": 5})
+    cfg = make_config(optim={"epochs": 1}, train={"seed": 5})
     summary = tunesmith.train_seeds(cfg, 3, quiet=True)
     runs = [tmp_path / "run" / f"seed-{s}" for s in (5, 6, 7)]
     evs = [json.loads((r / "eval.json").read_text()) for r in runs]
@@ -35,14 +35,14 @@ def test_seeds_summarise_the_runs_and_keep_finished_ones(make_config, tmp_path):
 
 
 def test_sweep_runs_trials_writes_best_config_and_continues(make_config, tmp_path):
-    space = {"optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "optim.epochs": {"low": 1, "high": 3},
+    space = {"optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "optim.epochs": {"low": 1, "high": 2},
              "strategy.name": {"choices": ["full", "head-only"]}}
     cfg = make_config(sweep=space, output_dir=str(tmp_path / "sweep"))
     summary = tunesmith.sweep(cfg, trials=4, quiet=True)
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["state"] in ("complete", "pruned") for t in trials)
     for t in trials:
-        assert 1e-3 <= t["params"]["optim.lr"] <= 1e-2 and t["params"]["optim.epochs"] in (1, 2, 3)
+        assert 1e-3 <= t["params"]["optim.lr"] <= 1e-2 and t["params"]["optim.epochs"] in (1, 2)
         run_cfg = yaml.safe_load((tmp_path / "sweep" / f"trial-{t['number']:03d}" / "config.yaml").read_text())
         assert run_cfg["strategy"]["name"] == t["params"]["strategy.name"] and "sweep" not in run_cfg
         assert run_cfg["optim"]["lr"] == pytest.approx(t["params"]["optim.lr"])
@@ -56,6 +56,20 @@ def test_sweep_runs_trials_writes_best_config_and_continues(make_config, tmp_pat
     assert "<img" in (tmp_path / "sweep" / "sweep.html").read_text()
     again = tunesmith.sweep(cfg, trials=5, quiet=True)  # the study is in sweep.db: one more trial, not five
     assert len(again["trials"]) == 5 and [t["params"] for t in again["trials"][:4]] == [t["params"] for t in trials]
+
+
+def test_sweep_with_seeds_scores_a_trial_by_the_mean_of_its_seeds(make_config, tmp_path):
+    cfg = make_config(sweep={"optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}}, optim={"epochs": 1},
+                      output_dir=str(tmp_path / "sweep"), train={"seed": 3})
+    from tunesmith.cli import main
+
+    assert main(["sweep", str(write_config(tmp_path, cfg)), "--trials", "2", "--seeds", "2", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    for t in summary["trials"]:
+        runs = [tmp_path / "sweep" / f"trial-{t['number']:03d}" / f"seed-{s}" for s in (3, 4)]
+        best = [json.loads((r / "eval.json").read_text())["validation_best"]["macro_f1"] for r in runs]
+        assert t["value"] == pytest.approx(sum(best) / 2)
+        assert [yaml.safe_load((r / "config.yaml").read_text())["train"]["seed"] for r in runs] == [3, 4]
 
 
 class Prunes:
@@ -72,10 +86,10 @@ class Prunes:
 def test_a_pruned_run_is_recorded_and_holds_no_model(make_config, tmp_path):
     trial = Prunes()
     with pytest.raises(Stopped, match="pruned by the sweep at step"):
-        run_loop(load_config(make_config(optim={"epochs": 4})), quiet=True, observers=[Pruning(trial, "macro_f1")])
+        run_loop(load_config(make_config(optim={"epochs": 3})), quiet=True, observers=[Pruning(trial, "macro_f1")])
     run = tmp_path / "run"
     record = json.loads((run / "failed.json").read_text())
-    assert record["status"] == "pruned" and len(trial.reported) == 2 and record["step"] == trial.reported[-1][0]
+    assert record["status"] == "pruned" and trial.reported[-1][0] == 2 and "(evaluation 2)" in record["error"]
     assert not (run / "eval.json").exists() and not (run / "model").exists()
     assert_user_error(cli("predict", run, "good film"), f"the run in {run} was pruned by a sweep at step {record['step']}")
 
@@ -89,10 +103,13 @@ def test_a_pruned_run_is_recorded_and_holds_no_model(make_config, tmp_path):
     ({"optim.lr": {"low": 1.0}}, ["give low and high (a range) or choices"]),
     ({"output_dir": {"choices": ["a", "b"]}}, ["sweep.output_dir cannot be searched"]),
 ])
-def test_bad_search_spaces_are_one_line_errors_before_any_trial(make_config, tmp_path, space, fragments):
-    cfg = make_config(output_dir=str(tmp_path / "sweep"), **({"sweep": space} if space else {}))
-    p = cli("sweep", write_config(tmp_path, cfg), "--trials", 2)
-    assert_user_error(p, *fragments)
+def test_bad_search_spaces_are_refused_before_any_trial(make_config, tmp_path, space, fragments):
+    """In process (the command line's one-line form of these is in tests/test_adversarial.py)."""
+    cfg = write_config(tmp_path, make_config(output_dir=str(tmp_path / "sweep"), **({"sweep": space} if space else {})))
+    with pytest.raises(UserError) as e:
+        tunesmith.sweep(str(cfg), trials=2, quiet=True)
+    for f in fragments:
+        assert f in str(e.value), str(e.value)
     assert not list((tmp_path / "sweep").glob("trial-*"))
 
 

@@ -158,7 +158,7 @@ def test_best_weights_come_back_with_their_batch_norm_statistics(tiny_timm_dir, 
                     model.get_classifier().weight.mul_(-5.0)
 
     snap = Snapshot()
-    cfg = config(tiny_timm_dir, images, tmp_path, optim={"epochs": 3, "lr": 1e-12, "head_lr": 1e-12}, train={"metric": "loss"})
+    cfg = config(tiny_timm_dir, images, tmp_path, optim={"epochs": 2, "lr": 1e-12, "head_lr": 1e-12}, train={"metric": "loss"})
     result = run(tunesmith.load_config(cfg), quiet=True, observers=[snap])
     first, last = min(snap.at), max(snap.at)
     assert result.eval["validation_best"]["step"] == first < last

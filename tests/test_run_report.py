@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 import tunesmith
+from conftest import text_config, write_text_data
 from test_cli import cli
 from tunesmith.run_report import RunRecord, overfitting
 
@@ -19,11 +20,21 @@ def embedded_images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)"', page)]
 
 
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Two finished runs on the tiny model, trained once for this module: one with its report and the
+    linear probe, one with another rate and epochs (what compare diffs)."""
+    root = tmp_path_factory.mktemp("report-runs")
+    data = write_text_data(root / "data")
+    tunesmith.train(text_config(tiny_model_dir, data, root / "run", optim={"epochs": 4, "head_lr": 1e-2},
+                                eval={"report": True, "linear_probe": True}), quiet=True)
+    tunesmith.train(text_config(tiny_model_dir, data, root / "run2", optim={"epochs": 3, "lr": 1e-3}), quiet=True)
+    return root / "run", root / "run2"
+
+
 @pytest.fixture
-def text_run(make_config, tmp_path):
-    cfg = make_config(optim={"epochs": 4, "head_lr": 1e-2}, eval={"report": True, "linear_probe": True})
-    tunesmith.train(cfg, quiet=True)
-    return tmp_path / "run"
+def text_run(runs):
+    return runs[0]
 
 
 def test_text_run_writes_a_self_contained_report(text_run):
@@ -63,11 +74,10 @@ def test_report_command_rebuilds_the_same_page(text_run):
     assert (text_run / "report.html").read_bytes() == first
 
 
-def test_compare_lists_config_differences_and_overlays_curves(text_run, make_config, tmp_path):
-    other = make_config(optim={"epochs": 3, "lr": 1e-3}, output_dir=str(tmp_path / "run2"))
-    tunesmith.train(other, quiet=True)
+def test_compare_lists_config_differences_and_overlays_curves(runs, tmp_path):
+    text_run, run2 = runs
     out = tmp_path / "cmp.html"
-    p = cli("compare", text_run, tmp_path / "run2", "--output", out, "--json")
+    p = cli("compare", text_run, run2, "--output", out, "--json")
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
     assert set(got["differences"]) == {"optim.epochs", "optim.lr", "optim.head_lr", "eval.linear_probe", "eval.report"}
@@ -76,7 +86,7 @@ def test_compare_lists_config_differences_and_overlays_curves(text_run, make_con
     assert got["runs"][0]["linear_probe"] is not None and got["runs"][1]["linear_probe"] is None
     page = out.read_text()
     assert len(embedded_images(page)) == 1 and "optim.lr" in page
-    table = cli("compare", text_run, tmp_path / "run2", "--output", out)  # the console table
+    table = cli("compare", text_run, run2, "--output", out)  # the console table
     assert table.returncode == 0 and "config differences" in table.stdout and "optim.epochs" in table.stdout
 
 
@@ -142,12 +152,12 @@ def browser_images(page_path, tmp_path):
     return json.loads(html.unescape(found.group(1)))
 
 
-def test_report_and_compare_pages_render_in_a_headless_browser(text_run, make_config, tmp_path):
+def test_report_and_compare_pages_render_in_a_headless_browser(runs, tmp_path):
+    text_run, run2 = runs
     images = browser_images(text_run / "report.html", tmp_path)
     assert [alt for alt, _, _ in images] == ["test metrics before, linear probe, after", "loss and metric curves",
                                              "learning rate per parameter group", "confusion matrix"]
     assert all(w > 100 and h > 100 for _, w, h in images), images
-    tunesmith.train(make_config(output_dir=str(tmp_path / "run2")), quiet=True)
-    assert cli("compare", text_run, tmp_path / "run2", "--output", tmp_path / "c.html").returncode == 0
+    assert cli("compare", text_run, run2, "--output", tmp_path / "c.html").returncode == 0
     (alt, w, h), = browser_images(tmp_path / "c.html", tmp_path)
     assert alt == "validation curves of every run" and w > 100 and h > 100

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -43,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+@functools.lru_cache(maxsize=1)  # built once a process (about 10 ms); parsing does not change it
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tunesmith", description="Fine-tune pre-trained models on your own examples.")
     p.add_argument("--version", action="version", version=f"tunesmith {__import__('tunesmith').__version__}")
@@ -141,6 +143,7 @@ def _experiment_commands(sub: Any) -> None:
     sw.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
     sw.add_argument("--trials", type=_positive, default=20, help="trials in all, counting those already in OUTPUT_DIR/sweep.db")
     sw.add_argument("--time-budget", type=_positive, metavar="SECONDS", help="start no new trial after this many seconds")
+    sw.add_argument("--seeds", type=_positive, default=1, metavar="N", help="score each trial by the mean of N seeds")
     sw.add_argument("--quiet", action="store_true")
 
     rp = sub.add_parser("report", help="(re)build RUN/report.html: curves, baselines, confusion matrix, mistakes")
@@ -168,7 +171,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_sweep(a: argparse.Namespace) -> int:
     from tunesmith.experiments import sweep
 
-    sweep(a.config, list(a.overrides), trials=a.trials, time_budget=a.time_budget, quiet=a.quiet)
+    sweep(a.config, list(a.overrides), trials=a.trials, time_budget=a.time_budget, quiet=a.quiet, seeds=a.seeds)
     return 0
 
 

@@ -11,8 +11,9 @@ finished in the folder are kept, so `--seeds 5` after `--seeds 3` trains two mor
 
 Sweeps: Optuna (Akiba et al., KDD 2019), the library the HF Trainer's `hyperparameter_search` uses:
 its TPE sampler (Bergstra et al., NeurIPS 2011) proposes values from the `sweep:` section of the
-config, and its median pruner stops a trial whose validation metric, after an evaluation, is below
-the median of earlier trials at the same step (the rule of Google Vizier, Golovin et al., KDD 2017).
+config, and its median pruner stops a trial whose validation metric, after its second or a later
+evaluation, is below the median of earlier trials at the same evaluation (the rule of Google Vizier,
+Golovin et al., KDD 2017).
 The study lives in `sweep.db` (SQLite) in the sweep folder: a stopped sweep continues where it was.
 """
 
@@ -30,9 +31,8 @@ from tunesmith.config import Config, load_config, set_key
 from tunesmith.errors import Stopped, UserError
 from tunesmith.observers import Observer
 from tunesmith.report import make_console
+from tunesmith.run_report import METRICS, SECTIONS
 
-SCALARS = ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity")
-SECTIONS = ("before", "linear_probe", "after")
 
 
 def _raw(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None) -> tuple[Config, dict[str, Any]]:
@@ -65,7 +65,7 @@ def summarize(evs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     validation score and the runtime."""
     out: dict[str, Any] = {}
     for section in SECTIONS:
-        for m in SCALARS:
+        for m in METRICS:
             vals = [(ev.get(section) or {}).get(m) for ev in evs]
             if all(isinstance(v, (int, float)) for v in vals):
                 out.setdefault(section, {})[m] = stats([float(v) for v in vals])
@@ -117,8 +117,8 @@ def seeds_table(summary: dict[str, Any]) -> Any:
     t.add_column("metric")
     sections = [s for s in SECTIONS if s in summary]
     for s in sections:
-        t.add_column({"before": "before", "linear_probe": "linear probe", "after": "after"}[s], justify="right")
-    for m in SCALARS:
+        t.add_column(SECTIONS[s], justify="right")
+    for m in METRICS:
         if any(m in summary[s] for s in sections):
             t.add_row(m, *[f"{v['mean']:.4f} ± {v['std']:.4f} ({v['min']:.4f} - {v['max']:.4f})" if (v := summary[s].get(m)) else "-"
                            for s in sections])
@@ -127,18 +127,23 @@ def seeds_table(summary: dict[str, Any]) -> Any:
 
 # -- sweeps --------------------------------------------------------------------------------------
 class Pruning(Observer):
-    """Reports the validation metric to the Optuna trial after each evaluation; stops the run when the
-    pruner says the trial will not beat the others."""
+    """Reports the validation metric to the Optuna trial after each evaluation, numbered 1, 2, ... (so trials
+    with other batch sizes or epochs compare evaluation by evaluation); stops the run when the pruner says
+    the trial will not beat the others. The first evaluation is never pruned (WARMUP): one epoch says little."""
 
     def __init__(self, trial: Any, metric: str):
-        self.trial, self.metric = trial, metric
+        self.trial, self.metric, self.evals = trial, metric, 0
 
     def validation_end(self, run: Any, metrics: dict[str, Any], improved: bool) -> None:
-        step, value = run.state.step, float(metrics[self.metric])
-        self.trial.report(value, step)
+        self.evals += 1
+        value = float(metrics[self.metric])
+        self.trial.report(value, self.evals)
         if self.trial.should_prune():
-            raise Stopped(f"pruned by the sweep at step {step}: validation {self.metric} {value:.4f} is below the median "
-                          "of the earlier trials at this step")
+            raise Stopped(f"pruned by the sweep at step {run.state.step} (evaluation {self.evals}): validation {self.metric} "
+                          f"{value:.4f} is below the median of the earlier trials at this evaluation")
+
+
+WARMUP = 2  # MedianPruner's n_warmup_steps in evaluations: the earliest prune is at the second
 
 
 def _optuna() -> Any:
@@ -174,10 +179,27 @@ def suggest(trial: Any, key: str, p: Any) -> Any:
     return trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
 
 
-def sweep(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None, trials: int = 20,
-          time_budget: float | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Search the config's `sweep:` space with Optuna; returns (and writes) sweep.json, best.yaml, sweep.html."""
+def run_trial(trial: Any, raw: dict[str, Any], values: dict[str, Any], run_dir: Path, seeds: int, metric: str) -> float:
+    """The trial's validation metric: its run's best, or with `seeds` > 1 the mean over that many seeds
+    (runs in trial-NNN/seed-S). Only the first seed's run reports to the pruner."""
     from tunesmith.loop import run
+
+    base, scores = raw["train"]["seed"], []
+    for k in range(seeds):
+        fixed = {"output_dir": str(run_dir if seeds == 1 else run_dir / f"seed-{base + k}"), "overwrite": True, "resume": False,
+                 "train.checkpoint_epochs": False, "train.checkpoint_every": 0, "train.seed": base + k}
+        result = run(load_config(_with(raw, {**values, **fixed})), quiet=True, observers=[Pruning(trial, metric)] if k == 0 else [])
+        value = (result.eval.get("validation_best") or {}).get(metric)
+        if value is None:
+            raise UserError(f"no validation {metric}: a sweep chooses on validation, and eval.every_epoch is off")
+        scores.append(float(value))
+    return sum(scores) / len(scores)
+
+
+def sweep(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None, trials: int = 20,
+          time_budget: float | None = None, quiet: bool = False, seeds: int = 1) -> dict[str, Any]:
+    """Search the config's `sweep:` space with Optuna; returns (and writes) sweep.json, best.yaml, sweep.html.
+    `seeds` > 1: each trial is scored by the mean of that many seeds."""
     from tunesmith.registry import TASKS
 
     optuna = _optuna()
@@ -191,7 +213,7 @@ def sweep(config: str | Path | dict[str, Any] | Config, overrides: list[str] | N
     study = optuna.create_study(
         study_name="tunesmith", storage=f"sqlite:///{(out / 'sweep.db').resolve()}", direction=direction,
         sampler=optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=min(10, max(trials // 3, 3))),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0), load_if_exists=True)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=WARMUP), load_if_exists=True)
     states = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # a sweep stopped mid-trial: that trial failed
         study.tell(t.number, state=states.FAIL)
@@ -205,11 +227,9 @@ def sweep(config: str | Path | dict[str, Any] | Config, overrides: list[str] | N
         values = {key: suggest(trial, key, p) for key, p in cfg.sweep.items()}
         run_dir = out / f"trial-{trial.number:03d}"
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        trial_raw = _with(raw, {**values, "output_dir": str(run_dir), "overwrite": True, "resume": False,
-                                "train.checkpoint_epochs": False, "train.checkpoint_every": 0})
         t0 = time.monotonic()
         try:
-            result = run(load_config(trial_raw), quiet=True, observers=[Pruning(trial, metric)])
+            value = run_trial(trial, raw, values, run_dir, seeds, metric)
         except Stopped as e:
             study.tell(trial, state=states.PRUNED)
             console.print(f"trial {trial.number}: {shown}: {e} ({time.monotonic() - t0:.0f} s)")
@@ -218,13 +238,9 @@ def sweep(config: str | Path | dict[str, Any] | Config, overrides: list[str] | N
             console.print(f"[yellow]trial {trial.number}: {shown}: failed: {e}[/yellow]")
             continue
         else:
-            value = (result.eval.get("validation_best") or {}).get(metric)
-            if value is None:  # no validation during training: the test metric is not used to choose
-                study.tell(trial, state=states.FAIL)
-                console.print(f"[yellow]trial {trial.number}: no validation {metric} (eval.every_epoch is off)[/yellow]")
-                continue
-            study.tell(trial, float(value))
-            console.print(f"trial {trial.number}: {shown}: validation {metric} {value:.4f} ({time.monotonic() - t0:.0f} s)")
+            study.tell(trial, value)
+            mean = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+            console.print(f"trial {trial.number}: {shown}: validation {metric} {value:.4f}{mean} ({time.monotonic() - t0:.0f} s)")
         done += 1
     return write_sweep(study, cfg, raw, out, console)
 
@@ -269,8 +285,8 @@ def write_sweep(study: Any, cfg: Config, raw: dict[str, Any], out: Path, console
 
 
 def sweep_page(summary: dict[str, Any], keys: list[str]) -> str:
-    """Trial history (each trial's validation curve, pruned ones dashed) and the metric against each
-    searched key."""
+    """Trial history (each trial's validation metric by evaluation, pruned ones dashed) and the metric against
+    each searched key."""
     from tunesmith.run_report import CSS, pyplot, png_bytes, img, table
 
     trials, metric = summary["trials"], summary["metric"]
@@ -285,7 +301,7 @@ def sweep_page(summary: dict[str, Any], keys: list[str]) -> str:
                 xs = [int(k) for k in t["intermediate"]]
                 ax.plot(xs, list(t["intermediate"].values()), "--" if t["state"] == "pruned" else "-", lw=1,
                         color="tab:gray" if t["state"] == "pruned" else None, label=None if t["state"] == "pruned" else f"trial {t['number']}")
-        ax.set_xlabel("step")
+        ax.set_xlabel("evaluation")
         ax.set_ylabel(f"validation {metric}")
         ax.set_title("trial history (pruned: dashed gray)")
         ax.grid(alpha=0.3)

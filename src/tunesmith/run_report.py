@@ -32,6 +32,12 @@ from tunesmith.errors import UserError
 REPORT = "report.html"
 FIGURES = "report"  # the PNGs, beside report.html
 METRICS = ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity")
+SECTIONS = {"before": "before", "linear_probe": "linear probe", "after": "after"}  # eval.json's test-set results
+
+
+def sections(ev: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(shown name, metrics) of each test-set result eval.json holds, in order."""
+    return [(name, ev[k]) for k, name in SECTIONS.items() if isinstance(ev.get(k), dict)]
 
 
 @dataclass
@@ -213,8 +219,7 @@ def fig_lr(run: RunRecord) -> bytes | None:
 
 def fig_baselines(run: RunRecord) -> bytes | None:
     ev = run.ev
-    cols = [(name, ev[k]) for k, name in (("before", "before"), ("linear_probe", "linear probe"), ("after", "after"))
-            if isinstance(ev.get(k), dict)]
+    cols = sections(ev)
     shown = [m for m in METRICS if any(isinstance(v.get(m), (int, float)) for _, v in cols)]
     if len(cols) < 2 or not shown:
         return None
@@ -288,13 +293,9 @@ def _num(v: Any, digits: int = 4) -> str:
 def table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td class="n">{_num(c)}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
-                                    else f"<td>{c if isinstance(c, Raw) else esc(str(c))}</td>" for c in r) + "</tr>"
+                                    else f"<td>{esc(str(c))}</td>" for c in r) + "</tr>"
                    for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-class Raw(str):
-    """Markup that `table` puts in a cell as it is (already escaped)."""
 
 
 def img(png: bytes, alt: str) -> str:
@@ -316,8 +317,7 @@ def _thumbnail(path: str, size: int = 150) -> str | None:
 
 
 def results_rows(ev: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    cols = [(name, ev[k]) for k, name in (("before", "before"), ("linear_probe", "linear probe"), ("after", "after"))
-            if isinstance(ev.get(k), dict)]
+    cols = sections(ev)
     rows = [[m, *[v.get(m, "-") for _, v in cols]] for m in METRICS if any(m in v for _, v in cols)]
     if any("general_text" in v for _, v in cols):
         rows.append(["general-text perplexity", *[(v.get("general_text") or {}).get("perplexity", "-") for _, v in cols]])
@@ -475,7 +475,7 @@ def headline(run: RunRecord) -> dict[str, Any]:
     ev, m = run.ev, run.metric
     row = {"run": run.name, "task": run.config.get("task", "?"), "strategy": ev.get("strategy") or
            (run.config.get("strategy") or {}).get("name", "?"), "status": run.status, "metric": m}
-    for k in ("before", "linear_probe", "after"):
+    for k in SECTIONS:
         v = (ev.get(k) or {}).get(m)
         row[k] = v if isinstance(v, (int, float)) else None
     row["best_validation"] = (ev.get("validation_best") or {}).get(m)

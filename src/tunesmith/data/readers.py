@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -97,6 +98,8 @@ def _limited(f: TextIO, rows: Iterator[tuple[int, dict[str, Any]]], max_rows: in
 
 
 SAMPLE = 1 << 20  # the first MiB decides whether a file is text at all
+ESCAPED = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, kept by surrogateescape
+SURROGATE = re.compile("[\ud800-\udfff]")  # any lone surrogate: not text a tokenizer can take
 
 
 def _check_sample(path: Path) -> None:
@@ -139,7 +142,7 @@ def _as_text(path: Path, data: bytes, cut: bool = False) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         text = data.decode("utf-8", errors="surrogateescape")
-        bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+        bad = len(ESCAPED.findall(text))
         if bad > max(16, len(text) // 20) and not (cut and e.start >= len(data) - 3):
             line = data[: e.start].count(b"\n") + 1
             raise UserError(
@@ -156,9 +159,9 @@ def _bad_text(values: list[Any]) -> str | None:
     for v in values:
         if not isinstance(v, str):
             continue
-        for c in v:
-            if "\udc80" <= c <= "\udcff":
-                return f"not valid UTF-8 (byte 0x{ord(c) - 0xDC00:02x}); re-save the file as UTF-8"
+        found = ESCAPED.search(v)
+        if found:
+            return f"not valid UTF-8 (byte 0x{ord(found.group()) - 0xDC00:02x}); re-save the file as UTF-8"
         if "\x00" in v:
             return "contains a NUL byte"
     return None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tunesmith.data.readers import Rows, Table, location, open_rows
+from tunesmith.data.readers import SURROGATE, Rows, Table, location, open_rows
 from tunesmith.data.store import RecordsBuilder, Spill, StoredStrings, as_int64, encode, key_hash
 from tunesmith.errors import UserError, did_you_mean
 
@@ -117,7 +117,7 @@ def text_problem(value: Any, what: str) -> str | None:
         return f"{what} is {'missing' if value is None else type(value).__name__ + ', not a string'}"
     if not value.strip():
         return f"{what} is empty"
-    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):
+    if "\x00" in value or SURROGATE.search(value):
         return f"{what} holds a NUL or an unpaired surrogate character"
     return None
 
