@@ -435,6 +435,8 @@ class Recipe:
             for n, t in resumed["weights"].items():
                 named[n].copy_(t.to(named[n].device))
         self.best_state = resumed["best"]
+        if resumed["stage_start"] is not None:  # this stage must still beat the one before it
+            self.previous = (*st["previous"], resumed["stage_start"])
         self.optimizer.load_state_dict(resumed["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.state = RunState(**{k: st[k] for k in asdict(RunState()) if k in st})
@@ -646,10 +648,11 @@ class Recipe:
                                             "order": list(self.replay_order), "seen": self.replay_seen}
         in_segment = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
         state = {**asdict(s), "train_time": s.train_time + in_segment, "replay": replay, "running_loss": self.running_loss.item(),
+                 "previous": list(self.previous[:2]),
                  "scheduler": self.scheduler.state_dict(), "config": self.user_config, "lr": self.lr,
                  "lr_find": self.found, "stage_first_step": self.stage.first_step}
         path = checkpoint.save(self.out, s.step, self.state_tensors(moving=True), self.best_state, self.optimizer, state,
-                               self.cfg.train.keep_checkpoints, s.best_step, rng=rng)
+                               self.cfg.train.keep_checkpoints, s.best_step, rng=rng, stage_start=self.previous[2])
         self.events.checkpoint(self, path)
         return path
 
