@@ -134,6 +134,11 @@ def text_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
         "eval": {"linear_probe": False, "report": False},
         "output_dir": str(out),
     }
+    return with_sections(cfg, sections)
+
+
+def with_sections(cfg: dict, sections: dict) -> dict:
+    """`cfg` with each keyword section merged into its own (a dict) or set (a value)."""
     for k, v in sections.items():
         if isinstance(v, dict):
             cfg.setdefault(k, {}).update(v)
@@ -219,11 +224,6 @@ def make_lm_config(tiny_llama_dir, lm_data_dir, tmp_path):
             "eval": {"report": False},
             "output_dir": str(tmp_path / "lmrun"),
         }
-        for k, v in sections.items():
-            if isinstance(v, dict):
-                cfg.setdefault(k, {}).update(v)
-            else:
-                cfg[k] = v
-        return cfg
+        return with_sections(cfg, sections)
 
     return make

@@ -9,7 +9,7 @@ import pytest
 
 from tunesmith.config import DataConfig
 from tunesmith.data.batching import Ragged
-from tunesmith.data.store import Records, Spill, StoredStrings, key_hash
+from tunesmith.data.store import Records, Spill, StoredStrings, encode, key_hash
 from tunesmith.data.text import read_text_set
 from tunesmith.validate import duplicates_and_conflicts
 
@@ -17,7 +17,7 @@ TEXTS = ["", "a", "héllo wörld", "\U0001f600 emoji", "bad byte \udcff kept", "
 
 
 def test_strings_round_trip_by_index_slice_take_and_iteration():
-    s = StoredStrings.write(Spill(), TEXTS)
+    s = StoredStrings(Records.write(Spill(), [encode(t) for t in TEXTS]))
     assert len(s) == len(TEXTS)
     assert [s[i] for i in range(len(s))] == TEXTS
     assert s[-1] == TEXTS[-1] and s[1:4] == TEXTS[1:4] and s[::2] == TEXTS[::2]

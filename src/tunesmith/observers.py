@@ -287,7 +287,9 @@ class Trackers(Observer):
         self.close()
 
     def run_end(self, run: Any, ev: dict[str, Any]) -> None:
-        values = {f"test/{section}/{k}": v for section in ("before", "linear_probe", "after")
+        from tunesmith.run_report import SECTIONS
+
+        values = {f"test/{section}/{k}": v for section in SECTIONS
                   for k, v in (ev.get(section) or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._log(values, run.state.step)
         self.close()

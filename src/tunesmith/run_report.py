@@ -21,6 +21,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,11 @@ class RunRecord:
     def metric(self) -> str:
         return (self.config.get("train") or {}).get("metric") or "loss"
 
-    @property
+    @cached_property
     def train(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("type") == "train"]
 
-    @property
+    @cached_property
     def evals(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("type") == "eval"]
 

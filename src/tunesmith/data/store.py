@@ -143,10 +143,6 @@ class StoredStrings(Sequence):
     def __init__(self, records: Records):
         self.records = records
 
-    @classmethod
-    def write(cls, spill: Spill, texts: Iterable[str]) -> "StoredStrings":
-        return cls(Records.write(spill, (encode(t) for t in texts)))
-
     def __len__(self) -> int:
         return len(self.records)
 
