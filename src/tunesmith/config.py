@@ -315,12 +315,36 @@ class LMConfig(_Section):
     forgetting_rows: int = Field(1000, gt=0, description="At most this many documents of the forgetting text are scored.")
 
 
+class PreferenceConfig(_Section):
+    format: Literal["auto", "paired", "openai", "unpaired"] = Field(
+        "auto", description="preference data format; auto decides per file from its fields: prompt+chosen+rejected (TRL, strings "
+        "or message lists) | input+preferred_output+non_preferred_output (OpenAI) | prompt+completion+label (TRL's unpaired, for kto)."
+    )
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = Field(
+        "dpo", description="dpo (Rafailov et al. 2023) | ipo (Azar et al. 2024) | simpo, orpo: no reference model (Meng et al. 2024; "
+        "Hong et al. 2024) | kto: good/bad answers, paired or not (Ethayarajh et al. 2024)."
+    )
+    beta: float | None = Field(
+        None, gt=0, description="Strength of the loss: dpo/ipo/kto 0.1 (how far from the reference the policy may go, smaller = further), "
+        "simpo 2.0 (reward scale), orpo 0.1 (weight of the odds-ratio term); null = that default."
+    )
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: the share of pairs assumed mislabelled (conservative DPO).")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the good answers' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the bad answers' loss.")
+    cut_prompt: bool = Field(
+        False, description="A pair whose prompt and longer answer exceed train.max_length: false = an error naming it (lm.too_long=skip "
+        "drops and counts it); true = cut the prompt from the left until it fits (TRL's keep_end)."
+    )
+
+
 class Config(_Section):
-    task: str = Field(description="What the model learns: text-classification, image-classification or causal-lm.")
+    task: str = Field(description="What the model learns: text-classification, image-classification, causal-lm or preference.")
     model: str = Field(description="A packaged model name (see `tunesmith models`), a local Hugging Face or timm directory, a timm architecture name, or a hub id.")
     model_file: str | None = Field(None, description="image-classification: weights (.safetensors; .pth with allow_pickle) for a timm architecture named by `model`.")
     image: ImageConfig = Field(default_factory=ImageConfig)
     lm: LMConfig = Field(default_factory=LMConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     data: DataConfig
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

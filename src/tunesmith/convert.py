@@ -274,6 +274,6 @@ def render(nested: dict[str, Any], unmapped: list[tuple[str, str]], tool: str, s
     if unmapped:
         head.append(f"# not mapped ({len(unmapped)}):")
         head += [f"#   {k}: {why}" for k, why in unmapped]
-    order = ["task", "model", "data", "strategy", "optim", "train", "lm", "eval", "output_dir"]
+    order = ["task", "model", "data", "strategy", "optim", "train", "lm", "preference", "eval", "output_dir"]
     ordered = {k: nested[k] for k in order if k in nested} | {k: v for k, v in nested.items() if k not in order}
     return "\n".join(head) + "\n" + yaml.safe_dump(ordered, sort_keys=False)

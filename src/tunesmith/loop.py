@@ -302,6 +302,7 @@ class Recipe:
             enable_gradient_checkpointing(model)
             self.console.print("gradient checkpointing: on (activations recomputed in the backward pass)")
         model.to(self.device)
+        self.task.before_training(model, self.enc, self.rt)  # once: a task keeps what it computed (a resumed run: the starting weights)
         self.anchor = None  # the starting values of the pre-trained weights that may train: L2-SP, the moved report
         if strategy.trains_backbone:
             self.anchor = anchor_for(self.parts, self.may_train, bool(cfg.strategy.l2sp), self.resolved.path)

@@ -71,6 +71,7 @@ TASKS: Registry[Any] = Registry("task", {
     "text-classification": "tunesmith.tasks.text_classification:TextClassification",
     "image-classification": "tunesmith.tasks.image_classification:ImageClassification",
     "causal-lm": "tunesmith.tasks.causal_lm:CausalLM",
+    "preference": "tunesmith.tasks.preference:Preference",
 })
 
 STRATEGIES: Registry[Any] = Registry("strategy", {

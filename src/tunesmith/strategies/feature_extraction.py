@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from tunesmith.errors import UserError
-from tunesmith.models.cache import cache_root
+from tunesmith.models.cache import cache_root, model_identity
 from tunesmith.models.heads import make_head, mean_pool, mean_pooled_in_model, sentence_transformers_pooling
 from tunesmith.strategies.base import (
     BaseStrategy,
@@ -80,22 +80,6 @@ def _head_module(model: nn.Module, head: list[str]) -> str:
             f"{', '.join(sorted(modules))}: use strategy head-only"
         )
     return common
-
-
-def _model_identity(model: nn.Module) -> str:
-    path = Path(str(getattr(model, "name_or_path", "") or ""))
-    files = []
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.is_file():
-                st = f.stat()
-                files.append((f.name, st.st_size, st.st_mtime_ns))
-    if path.is_file():  # a weights file (timm architecture + model_file)
-        st = path.stat()
-        files.append((path.name, st.st_size, st.st_mtime_ns))
-    cfg = model.config.to_dict() if hasattr(model, "config") else dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg = json.dumps({k: v for k, v in cfg.items() if k != "tunesmith_head"}, sort_keys=True, default=str)
-    return json.dumps([str(path.resolve()) if str(path) else "", files, cfg])
 
 
 @dataclass
@@ -275,7 +259,7 @@ class FeatureExtraction(BaseStrategy):
         from safetensors.torch import load_file, save_file
 
         root = cache_root(self.config.cache_dir) / "features"
-        identity = _model_identity(model)
+        identity = model_identity(model)
         self.first_token: bool | None = None
         out: dict[str, Any] = {}
         info: dict[str, Any] = {"cache_dir": str(root)}

@@ -201,6 +201,10 @@ class Task:
         return [f"truncated: {e.truncated} of {len(e)} {name} rows exceed train.max_length={max_length}"
                 for name, e in enc.items() if e.truncated]
 
+    def before_training(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> None:
+        """What the task computes from the starting model before any weight moves, once per run (preference:
+        the reference model's log-probabilities). The model is on its device, with the strategy applied."""
+
     # -- one step -----------------------------------------------------------------------------
     def collate(self, enc: Any, idx: list[int], train: bool = True) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -149,8 +149,7 @@ class CausalLM(Task):
         files = [("train", d.train), ("validation", d.validation), ("test", d.test)]
         if self.config.strategy.replay:
             files.append(("replay", self.config.strategy.replay.file))
-        rep, sets = read_files(files, lambda path, split: read_lm_set(path, d, lm, split), d,
-                               max_length=self.config.train.max_length)
+        rep, sets = read_files(files, self.read_set, d, max_length=self.config.train.max_length)
         if "train" not in sets:
             return rep
         if lm.forgetting not in (None, "guardian"):  # read now: a missing file must not stop a run after training
@@ -189,14 +188,12 @@ class CausalLM(Task):
                 fitted, lengths, truncated, long_rows = self._tokenize_set(s)
                 f.lengths, f.truncated = lengths, truncated
                 if long_rows:
-                    what = "the last answer alone (with one prompt token) is longer than train.max_length"
-                    f.bad += [(w, f"{n} tokens; {what}={rep.max_length}") for w, n in long_rows]
+                    f.bad += [(w, f"{n} tokens; {self.too_long_row}={rep.max_length}") for w, n in long_rows]
                     if lm.too_long == "error":
                         rep.errors.append(
-                            f"{len(long_rows)} example(s) in {s.source} do not fit train.max_length={rep.max_length} even with "
-                            f"the prompt cut: {'; '.join(f'{w}: {n} tokens' for w, n in long_rows[:3])}"
-                            f"{' ...' if len(long_rows) > 3 else ''}; raise train.max_length, or set lm.too_long=skip to drop "
-                            "and count them"
+                            f"{len(long_rows)} example(s) in {s.source} {self.too_long_lead.format(rep.max_length)}: "
+                            f"{'; '.join(f'{w}: {n} tokens' for w, n in long_rows[:3])}"
+                            f"{' ...' if len(long_rows) > 3 else ''}; {self.too_long_fix}"
                         )
                     else:
                         rep.warnings.append(f"{s.source}: {len(long_rows)} example(s) longer than train.max_length dropped (lm.too_long=skip)")
@@ -207,6 +204,15 @@ class CausalLM(Task):
         if rep.ok:
             self._prepared = Prepared(sets["train"], sets["validation"], sets["test"], [])
         return rep
+
+    # what `validate` says of an example too long to train on, and how to fix it
+    too_long_row = "the last answer alone (with one prompt token) is longer than train.max_length"
+    too_long_lead = "do not fit train.max_length={} even with the prompt cut"
+    too_long_fix = "raise train.max_length, or set lm.too_long=skip to drop and count them"
+
+    def read_set(self, path: str, split: str) -> LMSet:
+        """One data file read and checked row by row (bad rows collected, not raised)."""
+        return read_lm_set(path, self.config.data, self.config.lm, split)
 
     def _tokenize_chat(self, e: Any) -> Tokenized:
         """One conversation through the chat template; a template that refuses it names the row."""
@@ -422,6 +428,8 @@ A LoRA run also holds the adapter alone in `RUN/model/adapter` (PEFT: `PeftModel
         """(states that feed the output layer, a function from states to logits)."""
         base = _unwrap(model)
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if "attention_mask" in batch:  # a custom 4D mask (preference rows: two answers share one prompt)
+            kwargs["attention_mask"] = batch["attention_mask"]
         if getattr(base.config, "model_type", None) in PLAIN_HEAD and hasattr(base, "get_decoder"):
             captured: dict[str, torch.Tensor] = {}
 
