@@ -106,6 +106,25 @@ def test_kto_with_the_kl_estimate_held_fixed():
     assert p.grad[0] < 0 < p.grad[1]  # the good answer's log-probability goes up, the bad one's down
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_token_log_probabilities_match_the_plain_ones_and_their_gradients(bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).double()
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    tgt = torch.randint(0, 50, (37,))
+    weights = torch.randn(37, dtype=torch.float64)
+    plain = -torch.nn.functional.cross_entropy(head(h), tgt, reduction="none")
+    (plain * weights).sum().backward()
+    want = [h.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    h.grad = None
+    head.zero_grad()
+    got = L.token_logps(h, head, tgt, chunk=8)  # 5 chunks, the last one short
+    (got * weights).sum().backward()
+    assert torch.allclose(got.double(), plain, atol=1e-5)
+    for a, b in zip([h.grad, head.weight.grad] + ([head.bias.grad] if bias else []), want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 # -- the shared-prompt row equals two separate forwards ---------------------------------------------
 def _task(cfg: dict):
     from tunesmith.models import resolve_model
@@ -191,7 +210,7 @@ def test_the_reference_is_the_base_model_with_adapters_disabled(lora_run, tiny_l
     """The trained LoRA model with adapters off scores exactly like the untouched base model."""
     from peft import PeftModel
 
-    from tunesmith.tasks.preference import _adapters_off
+    from tunesmith.tasks.preference import adapters_off
 
     res, _, _ = lora_run
     task, base = _task(make_pref_config())
@@ -203,7 +222,7 @@ def test_the_reference_is_the_base_model_with_adapters_disabled(lora_run, tiny_l
     with torch.no_grad():
         want = task.logps(base, batch)
         on = task.logps(tuned, batch)
-        with _adapters_off(tuned):
+        with adapters_off(tuned):
             off = task.logps(tuned, batch)
     assert torch.allclose(off, want, atol=1e-5) and not torch.allclose(on, want, atol=1e-3)
 
@@ -355,3 +374,11 @@ def test_config_refusals(make_pref_config):
         load_config(make_pref_config(strategy={"name": "head-only"}))
     cfg = load_config(make_pref_config(strategy=None))
     assert cfg.strategy.name == "lora" and cfg.train.metric == "loss"
+
+
+def test_over_optimisation_is_warned_about_with_the_fix(make_pref_config):
+    task = TASKS.get("preference")(load_config(make_pref_config()))
+    w = task._warnings({"kl": 2.6169, "samples": [{"base": "a long answer", "tuned": ""}, {"base": "x", "tuned": "y"}]})
+    assert len(w) == 2 and w[0].startswith("1 of 2 sample answers are empty after tuning") and "KL 2.62 nats/token" in w[1]
+    assert all("lower optim.lr, raise preference.beta" in x for x in w)
+    assert task._warnings({"kl": 0.11, "samples": [{"base": "a", "tuned": "b"}]}) == []

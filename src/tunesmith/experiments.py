@@ -30,8 +30,8 @@ import yaml
 from tunesmith.config import Config, load_config, set_key
 from tunesmith.errors import Stopped, UserError
 from tunesmith.observers import Observer
-from tunesmith.report import make_console
-from tunesmith.run_report import METRICS, SECTIONS
+from tunesmith.report import METRICS, make_console
+from tunesmith.run_report import SECTIONS
 
 
 

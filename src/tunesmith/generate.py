@@ -1,6 +1,6 @@
 """Use a tuned language model: `tunesmith generate` and `tunesmith chat`.
 
-`ChatModel` loads a causal-lm run directory (its merged `model/`), a plain Hugging Face
+`ChatModel` loads a causal-lm or preference run directory (its merged `model/`), a plain Hugging Face
 directory, or a packaged model name, and answers a prompt or a conversation with the chat
 template the model was trained with. Tokens stream to the terminal as they are generated.
 """
@@ -58,8 +58,8 @@ class ChatModel:
             import yaml
 
             cfg = yaml.safe_load(run_cfg.read_text(encoding="utf-8"))
-            if cfg.get("task") != "causal-lm":
-                raise UserError(f"{source} is a {cfg.get('task')} run; generate and chat need a causal-lm run "
+            if cfg.get("task") not in ("causal-lm", "preference"):
+                raise UserError(f"{source} is a {cfg.get('task')} run; generate and chat need a causal-lm or preference run "
                                 "(use `tunesmith predict` for classifiers)")
             self.system_prompt = (cfg.get("lm") or {}).get("system_prompt")
         _check_causal(model_dir)

@@ -58,6 +58,11 @@ def moved_table(moved: dict[str, float]) -> Table:
     return t
 
 
+# the task metrics tables, reports and seed summaries show, in order
+METRICS = ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity", "preference_accuracy", "reward_accuracy", "reward_margin",
+           "kl")
+
+
 def results_table(ev: dict[str, Any]) -> Table:
     cols = [(k, ev[k]) for k in ("before", "linear_probe", "after") if isinstance(ev.get(k), dict)]
     names = {"before": "before (new head)" if "accuracy" in ev.get("after", {}) else "before",
@@ -66,7 +71,7 @@ def results_table(ev: dict[str, Any]) -> Table:
     t.add_column("metric")
     for k, _ in cols:
         t.add_column(names[k], justify="right")
-    for metric in ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity"):
+    for metric in METRICS:
         if any(metric in m for _, m in cols):
             t.add_row(metric, *[f"{m[metric]:.4f}" if metric in m else "-" for _, m in cols])
     if any("general_text" in m for _, m in cols):  # causal-lm: the forgetting check

@@ -29,10 +29,11 @@ import yaml
 
 from tunesmith.config import dotted
 from tunesmith.errors import UserError
+from tunesmith.report import METRICS
 
 REPORT = "report.html"
 FIGURES = "report"  # the PNGs, beside report.html
-METRICS = ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity")
+
 SECTIONS = {"before": "before", "linear_probe": "linear probe", "after": "after"}  # eval.json's test-set results
 
 
@@ -101,7 +102,7 @@ class RunRecord:
         return out
 
 
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "kl")
 
 
 def overfitting(run: RunRecord) -> dict[str, Any] | None:

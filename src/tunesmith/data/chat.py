@@ -366,11 +366,11 @@ def read_lm_set(path: str, data: Any, lm: Any, name: str) -> LMSet:
             bad.append((table.where(i), ex))
         else:
             examples.append(ex)
-    bad.sort(key=lambda b: _line(b[0]))
+    bad.sort(key=lambda b: line_of(b[0]))
     return LMSet(name, str(p), fmt, examples, bad)
 
 
-def _line(where: str) -> int:
+def line_of(where: str) -> int:
     tail = where.rsplit(":", 1)[-1].rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
 

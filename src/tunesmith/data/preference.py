@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.chat import LMSet, _line, chat_problem
+from tunesmith.data.chat import LMSet, line_of, chat_problem
 from tunesmith.data.text import text_problem
 from tunesmith.errors import UserError
 
@@ -211,5 +211,5 @@ def read_pref_set(path: str, data: Any, fmt: str, system_prompt: str | None, nam
             bad.append((table.where(i), ex))
         else:
             examples.append(ex)
-    bad.sort(key=lambda b: _line(b[0]))
+    bad.sort(key=lambda b: line_of(b[0]))
     return LMSet(name, str(p), fmt, examples, bad)

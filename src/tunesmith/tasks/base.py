@@ -118,6 +118,7 @@ class Task:
     """Base of every task. Class attributes are the declarations the config and the loop read."""
 
     name: ClassVar[str] = "task"
+    model_task: ClassVar[str | None] = None  # which task's models this one tunes (packaged models, hub checks); None: its own
     # validation metrics by name -> "max" or "min" (which way is better); the first is the default
     metrics_better: ClassVar[dict[str, str]] = {}
     unit: ClassVar[str] = "samples"  # what the progress bar counts per second: samples | tokens
@@ -149,7 +150,7 @@ class Task:
     # -- model and data -----------------------------------------------------------------------
     def resolve(self) -> "ResolvedModel":
 
-        return resolve_model(self.config.model, self.name)
+        return resolve_model(self.config.model, self.model_task or self.name)
 
     def load_tokenizer(self, resolved: "ResolvedModel") -> Any:
         return None

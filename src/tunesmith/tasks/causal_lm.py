@@ -96,7 +96,7 @@ class LMEncoded:
         return sum(sum(1 for t in r if t != IGNORE) for r in self.targets)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under DDP and PEFT wrappers."""
     model = getattr(model, "module", model)
     if hasattr(model, "get_base_model"):
@@ -426,7 +426,7 @@ A LoRA run also holds the adapter alone in `RUN/model/adapter` (PEFT: `PeftModel
     # -- one step -----------------------------------------------------------------------------
     def _hidden_and_head(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """(states that feed the output layer, a function from states to logits)."""
-        base = _unwrap(model)
+        base = unwrap(model)
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         if "attention_mask" in batch:  # a custom 4D mask (preference rows: two answers share one prompt)
             kwargs["attention_mask"] = batch["attention_mask"]
@@ -464,7 +464,7 @@ A LoRA run also holds the adapter alone in `RUN/model/adapter` (PEFT: `PeftModel
         was_training = model.training
         model.eval()
         tokens_per_batch = max(rt.batch_size * 128, self.config.train.max_length)
-        for b in _token_batches(enc.lengths, tokens_per_batch):
+        for b in token_batches(enc.lengths, tokens_per_batch):
             b = shard(b, rt.rank, rt.world)
             if not b:
                 continue
@@ -537,7 +537,7 @@ A LoRA run also holds the adapter alone in `RUN/model/adapter` (PEFT: `PeftModel
             result["general_text"] = {"source": general[0], **self.evaluate(model, general[1], rt.alone())[0]}
         prompts = self._sample_prompts()
         if prompts:
-            answers = generate_batch(_unwrap(model), self.tokenizer, [p for p, _ in prompts], self.config.lm.max_new_tokens,
+            answers = generate_batch(unwrap(model), self.tokenizer, [p for p, _ in prompts], self.config.lm.max_new_tokens,
                                      rt.device)
             if phase == "before":
                 self._before = {"answers": answers}
@@ -613,7 +613,7 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text or "(empty answer)").splitlines()) or "> (empty answer)"
 
 
-def _token_batches(lengths: list[int], tokens: int) -> list[list[int]]:
+def token_batches(lengths: list[int], tokens: int) -> list[list[int]]:
     """Evaluation batches by token budget, longest rows first."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, cur, width = [], [], 0

@@ -44,15 +44,17 @@ from tunesmith.data.chat import LMSet, tokenize_chat
 from tunesmith.data.preference import PrefExample, read_pref_set
 from tunesmith.errors import UserError
 from tunesmith.models.cache import cache_root, model_identity
-from tunesmith.models.resolve import ResolvedModel, resolve_model
 from tunesmith.tasks.base import Accumulator, Runtime, TokenView
-from tunesmith.tasks.causal_lm import CausalLM, LMEncoded, _token_batches, _unwrap
+from tunesmith.tasks.causal_lm import CausalLM, LMEncoded, token_batches, unwrap
 from tunesmith.tasks.preference_loss import DEFAULT_BETA, REFERENCE_FREE, kto, pair_loss
+from tunesmith.tasks.preference_loss import token_logps as token_logps_of
 
 if TYPE_CHECKING:
     from tunesmith.config import Config
 
 REF_CACHE_VERSION = 1
+KL_WARN = 1.0  # nats/token of drift from the reference past which the run warns
+KL_CHUNK = 256  # answer positions per output-layer chunk in the drift measurement
 LM_FORMATS = ("text", "chat", "prompt-completion")  # sets the causal-lm side reads (general text for the forgetting check)
 # accumulator columns per row: policy log-prob of answer 1 and 2, their token counts, reference log-probs, label
 P1, P2, N1, N2, R1, R2, LABEL = range(7)
@@ -106,6 +108,7 @@ class PrefEncoded:
 
 class Preference(CausalLM):
     name = "preference"
+    model_task = "causal-lm"  # the same chat models
     metrics_better = {"loss": "min", "preference_accuracy": "max", "reward_accuracy": "max", "reward_margin": "max"}
     unit = "samples"
     default_strategy = "lora"
@@ -128,12 +131,14 @@ class Preference(CausalLM):
         if "packing" in cfg.lm.model_fields_set and cfg.lm.packing:
             raise ValueError("lm.packing does not apply to preference data: a row is one prompt with its two answers")
         cfg.lm.packing = False
+        if "min_steps" not in cfg.optim.model_fields_set:
+            cfg.optim.min_steps = 0  # epochs as configured: many passes over few pairs over-optimise the margins (TRL, OpenAI: 1-3 epochs)
+        lora = getattr(cfg.strategy, "lora", None)
+        if lora is not None and "dropout" not in lora.model_fields_set:
+            lora.dropout = 0.0  # the policy's log-probabilities are compared with the reference's: no noise (TRL's disable_dropout)
         if cfg.strategy.replay:
             raise ValueError("strategy.replay does not apply to the preference task (it mixes instruction data into batches "
                              "of pairs); to limit forgetting lower the learning rate or raise preference.beta")
-
-    def resolve(self) -> ResolvedModel:
-        return resolve_model(self.config.model, "causal-lm")  # the same chat models
 
     # -- data ---------------------------------------------------------------------------------
     def read_set(self, path: str, split: str) -> LMSet:
@@ -292,15 +297,17 @@ class Preference(CausalLM):
 
     def logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(rows, 2) summed log-probabilities of each row's two answers."""
-        base = _unwrap(model)
+        base = unwrap(model)
         if getattr(base.config, "_attn_implementation", "sdpa") != "sdpa":  # eager and others take an additive float mask
             mask = batch["attention_mask"]
             batch = {**batch, "attention_mask": torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
                 ~mask, torch.finfo(torch.float32).min)}
         hidden, head = self._hidden_and_head(model, batch)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = head(flat[batch["src"]]).float()
-        token_logps = -nn.functional.cross_entropy(logits, batch["tgt"], reduction="none")
+        h = hidden.reshape(-1, hidden.shape[-1])[batch["src"]]
+        if type(head) is nn.Linear:  # chunked, logits recomputed in the backward pass: no rows x vocabulary tensor kept
+            token_logps = token_logps_of(h, head, batch["tgt"])
+        else:  # an adapted or unusual output layer (or the model's own logits): as it computes
+            token_logps = -nn.functional.cross_entropy(head(h).float(), batch["tgt"], reduction="none")
         rows = batch["input_ids"].shape[0]
         return torch.zeros(rows * 2, dtype=token_logps.dtype, device=token_logps.device).index_add(
             0, batch["seq"], token_logps).view(rows, 2)
@@ -334,7 +341,7 @@ class Preference(CausalLM):
         from safetensors.numpy import load_file, save_file
 
         root = cache_root() / "reference"
-        identity = model_identity(_unwrap(model))
+        identity = model_identity(unwrap(model))
         for split, e in enc.items():
             if not isinstance(e, PrefEncoded) or e.ref is not None:
                 continue
@@ -359,7 +366,7 @@ class Preference(CausalLM):
 
     def _reference_pass(self, model: nn.Module, enc: PrefEncoded, rt: Runtime) -> np.ndarray:
         acc = self.accumulator(enc)
-        with _adapters_off(model):
+        with adapters_off(model):
             self.predict(model, enc, acc, rt)
         acc.merge(rt.gather)
         return acc.rows[:, [P1, P2]].copy()
@@ -377,7 +384,7 @@ class Preference(CausalLM):
         was_training = model.training
         model.eval()
         tokens_per_batch = max(rt.batch_size * 128, self.config.train.max_length * 2)
-        for b in _token_batches(enc.lengths, tokens_per_batch):
+        for b in token_batches(enc.lengths, tokens_per_batch):
             b = shard(b, rt.rank, rt.world)
             if not b:
                 continue
@@ -420,17 +427,30 @@ class Preference(CausalLM):
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
         out = super().final(model, enc, rt, ev)
         if self._ref_info:
-            out["reference"] = {"source": "the starting model" + (" (LoRA adapters disabled)" if _is_peft(model) else ""),
+            out["reference"] = {"source": "the starting model" + (" (LoRA adapters disabled)" if is_peft(model) else ""),
                                 "cache_dir": str(cache_root() / "reference"), **self._ref_info}
         if rt.main:
             kl = self._drift(model, enc["test"], rt)
             if kl is not None:
                 out["after"]["kl"] = kl
         b, a = ev.get("before", {}), out["after"]
-        if "preference_accuracy" in b:
-            out["preference"] = {"loss": self.pref.loss, "beta": self.beta,
-                                 "accuracy_before": b["preference_accuracy"], "accuracy_after": a["preference_accuracy"],
-                                 "reward_margin_after": a["reward_margin"], "kl_after": a.get("kl")}
+        out["preference"] = {"loss": self.pref.loss, "beta": self.beta, "accuracy_before": b.get("preference_accuracy"),
+                             "accuracy_after": a["preference_accuracy"], "reward_margin_after": a["reward_margin"],
+                             "kl_after": a.get("kl"), "warnings": self._warnings(a)}
+        return out
+
+    def _warnings(self, after: dict[str, Any]) -> list[str]:
+        """Signs of a policy that went too far from the reference (over-optimisation), with the fix."""
+        out = []
+        fix = "lower optim.lr, raise preference.beta, or train fewer epochs"
+        samples = after.get("samples") or []
+        empty = [s for s in samples if not (s.get("tuned") or "").strip() and (s.get("base") or "").strip()]
+        if empty:
+            out.append(f"{len(empty)} of {len(samples)} sample answers are empty after tuning (the model learned to stop at "
+                       f"once, a known DPO failure when the rejected answers are the long ones): {fix}")
+        if (after.get("kl") or 0.0) > KL_WARN:
+            out.append(f"the tuned model drifted far from the reference: KL {after['kl']:.2f} nats/token on held-out "
+                       f"answers (above {KL_WARN}): {fix}")
         return out
 
     @torch.no_grad()
@@ -438,35 +458,49 @@ class Preference(CausalLM):
         """Mean per-token KL(policy || reference) over the held-out answers' positions; None without a
         reference at hand (full fine-tuning: the starting model is reloaded for this)."""
         reference = None
-        if not _is_peft(model):
+        if not is_peft(model):
             reference, _, _ = super().load_model(self.resolve())
             reference.to(rt.device).eval()
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
-        for b in _token_batches(enc.lengths, max(rt.batch_size * 64, self.config.train.max_length * 2)):
+        for b in token_batches(enc.lengths, max(rt.batch_size * 64, self.config.train.max_length * 2)):
             batch = {k: v.to(rt.device) for k, v in self.collate(enc, b, train=False).items()}
-            pol = self._answer_logits(model, batch)
-            with _adapters_off(model):
-                ref = self._answer_logits(reference if reference is not None else model, batch)
-            kl = (pol.exp() * (pol - ref)).sum(-1)
-            total, count = total + float(kl.sum()), count + kl.numel()
+            pol_h, pol_head = self._answer_states(model, batch)
+            with adapters_off(model):
+                ref_h, ref_head = self._answer_states(reference if reference is not None else model, batch)
+            for i in range(0, len(pol_h), KL_CHUNK):  # rows x vocabulary at most KL_CHUNK rows at a time
+                pol = torch.log_softmax(pol_head(pol_h[i : i + KL_CHUNK]).float(), -1)
+                with adapters_off(model):
+                    ref = torch.log_softmax(ref_head(ref_h[i : i + KL_CHUNK]).float(), -1)
+                total += float((pol.exp() * (pol - ref)).sum())
+            count += len(pol_h)
         model.train(was_training)
         del reference
         return total / count if count else None
 
-    def _answer_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _answer_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """(the states that predict each answer token, the output layer)."""
         hidden, head = self._hidden_and_head(model, batch)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return torch.log_softmax(head(flat[batch["src"]]).float(), -1)
+        return hidden.reshape(-1, hidden.shape[-1])[batch["src"]], head
 
     def summary(self, ev: dict[str, Any]) -> list[Any]:
         lines = []
         p = ev.get("preference")
         if p:
             kl = f"; drift from the reference KL {p['kl_after']:.4f} nats/token" if p.get("kl_after") is not None else ""
+            before = f"{p['accuracy_before']:.3f} -> " if p.get("accuracy_before") is not None else ""
             lines.append(f"preference accuracy on held-out pairs ({p['loss']}, beta {p['beta']}): "
-                         f"{p['accuracy_before']:.3f} -> {p['accuracy_after']:.3f}; reward margin {p['reward_margin_after']:+.3f}{kl}")
+                         f"{before}{p['accuracy_after']:.3f}; reward margin {p['reward_margin_after']:+.3f}{kl}")
+            lines += [f"[yellow]warning:[/] {w}" for w in p.get("warnings", [])]
+        from rich.text import Text  # model text is shown as is, never read as console markup
+
+        for sample in (ev.get("after", {}).get("samples") or [])[:2]:  # side by side on screen; all in samples.md
+            cut = lambda t: " ".join(str(t).split())[:110] + ("..." if len(" ".join(str(t).split())) > 110 else "")  # noqa: E731
+            lines.append(Text(f"  prompt: {cut(sample['prompt'])}"))
+            if sample.get("base") is not None:
+                lines.append(Text(f"    base:  {cut(sample['base'])}"))
+            lines.append(Text(f"    tuned: {cut(sample['tuned'])}"))
         return lines + super().summary(ev)
 
     def _sample_prompts(self) -> list[tuple[Any, str | None]]:
@@ -489,11 +523,11 @@ class Preference(CausalLM):
         return c
 
 
-def _is_peft(model: nn.Module) -> bool:
+def is_peft(model: nn.Module) -> bool:
     return hasattr(getattr(model, "module", model), "disable_adapter")
 
 
-class _adapters_off:
+class adapters_off:
     """LoRA adapters disabled for the block (the base model is the reference); nothing for other models."""
 
     def __init__(self, model: nn.Module):

@@ -81,3 +81,53 @@ def pair_loss(name: str, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor | 
     if name == "orpo":
         return orpo(pc, pr, nc, nr, beta)
     raise ValueError(f"unknown paired preference loss {name}")
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] row by row, `chunk` rows at a time, in float32; the backward pass
+    recomputes each chunk's logits instead of keeping them (rows x vocabulary floats never live at once)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                logits = F.linear(h[i : i + chunk].float(), weight.float(), None if bias is None else bias.float())
+                lse[i : i + chunk] = torch.logsumexp(logits, -1)
+                out[i : i + chunk] = logits.gather(1, tgt[i : i + chunk, None])[:, 0] - lse[i : i + chunk]
+        ctx.save_for_backward(h, weight, bias, tgt, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight, bias, tgt, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
+        w = weight.float()
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], ctx.chunk):
+                hc, g = h[i : i + ctx.chunk].float(), grad[i : i + ctx.chunk].float()
+                logits = F.linear(hc, w, None if bias is None else bias.float())
+                # d logp[t] / d logits = onehot(t) - softmax(logits)
+                dlogits = torch.exp(logits - lse[i : i + ctx.chunk, None]).mul_(-g[:, None])
+                dlogits[torch.arange(len(hc), device=h.device), tgt[i : i + ctx.chunk]] += g
+                if need_h:
+                    gh[i : i + ctx.chunk] = dlogits @ w
+                if need_w:
+                    gw.addmm_(dlogits.t(), hc)
+                if need_b:
+                    gb += dlogits.sum(0)
+        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(bias.dtype), None, None)
+
+
+def token_logps(h: torch.Tensor, head: torch.nn.Module, tgt: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Log-probability of each target token from the hidden states that predict it, through a linear output
+    layer (`head`: weight, optional bias), without holding rows x vocabulary logits: the memory of a step is
+    the backbone's, however long the answers."""
+    return _ChunkedTokenLogps.apply(h, head.weight, getattr(head, "bias", None), tgt, chunk)
