@@ -382,3 +382,16 @@ def test_over_optimisation_is_warned_about_with_the_fix(make_pref_config):
     assert len(w) == 2 and w[0].startswith("1 of 2 sample answers are empty after tuning") and "KL 2.62 nats/token" in w[1]
     assert all("lower optim.lr, raise preference.beta" in x for x in w)
     assert task._warnings({"kl": 0.11, "samples": [{"base": "a", "tuned": "b"}]}) == []
+
+
+def test_eval_on_new_pairs_reports_the_ranking_without_a_reference(lora_run, tmp_path, run_cli):
+    """`tunesmith eval RUN --data pairs.jsonl`: no reference log-probabilities for new pairs, so no loss or
+    rewards (they would be against zeros), but the model's own ranking."""
+    res, _, _ = lora_run
+    write_jsonl(tmp_path / "new.jsonl", [chat_pair(*p) for p in PAIRS])
+    r = run_cli("eval", res.run_dir, "--data", tmp_path / "new.jsonl", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["preference_accuracy"] == 1.0 and m["pairs"] == 5 and "loss" not in m and "reward_margin" not in m
+    r = run_cli("eval", res.run_dir, "--data", tmp_path / "new.jsonl")
+    assert r.returncode == 0 and "preference_accuracy" in r.stdout and "1.0000" in r.stdout, r.stderr

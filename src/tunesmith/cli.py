@@ -281,7 +281,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     else:
         c = Console(highlight=False)
         c.print(results_table({"after": m}))
-        c.print(per_class_table(m))
+        if "per_class" in m:  # classifiers (a preference run has its pairs' metrics only)
+            c.print(per_class_table(m))
     return 0
 
 

@@ -392,7 +392,7 @@ class Preference(CausalLM):
             with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
                 lp = self.logps(model, batch).double().cpu().numpy()
             n = batch["n"].cpu().numpy()
-            ref = enc.ref[b] if enc.ref is not None else np.zeros_like(lp)
+            ref = enc.ref[b] if enc.ref is not None else np.full_like(lp, np.nan)  # no reference: no loss or rewards
             label = np.array([1.0 if enc.rows[i].label else 0.0 for i in b])
             acc.update(b, np.column_stack([lp, n, ref, label]))
         model.train(was_training)
@@ -402,27 +402,31 @@ class Preference(CausalLM):
             return super().metrics(rows, labels)
         t = {k: torch.as_tensor(rows[:, c]) for k, c in (("p1", P1), ("p2", P2), ("n1", N1), ("n2", N2), ("r1", R1), ("r2", R2))}
         n1, n2 = t["n1"].clamp(min=1), t["n2"].clamp(min=1)
+        no_reference = np.isnan(rows[:, [R1, R2]]).any()  # `tunesmith eval` on new pairs: no reference log-probabilities
         if self.pref.loss == "kto":
             good = torch.as_tensor(rows[:, LABEL] > 0.5)
+            auc = _auc(rows[:, P1] / rows[:, N1].clip(1), good.numpy())
+            if no_reference:
+                return {"preference_accuracy": auc, "rows": len(rows)}
             loss, reward, z0 = kto(t["p1"], t["r1"], good, t["p2"], t["r2"], self.beta,
                                    self.pref.desirable_weight, self.pref.undesirable_weight)
             right = torch.where(good, reward > self.beta * z0, reward < self.beta * z0).double()
-            return {"loss": float(loss.mean()), "preference_accuracy": _auc(rows[:, P1] / rows[:, N1].clip(1), good.numpy()),
+            return {"loss": float(loss.mean()), "preference_accuracy": auc,
                     "reward_accuracy": float(right.mean()), "reward_margin": float(reward[good].mean() - reward[~good].mean())
                     if good.any() and (~good).any() else 0.0, "kl_estimate_z0": float(z0), "rows": len(rows)}
+        own = t["p1"] / n1 - t["p2"] / n2  # the model's own ranking: mean token log-probability
+        ranking = {"preference_accuracy": float(((own > 0).double() + 0.5 * (own == 0).double()).mean()),
+                   "logps_chosen": float((t["p1"] / n1).mean()), "logps_rejected": float((t["p2"] / n2).mean()),
+                   "pairs": len(rows)}
+        if self.pref.loss not in REFERENCE_FREE and no_reference:
+            return ranking
         ref = None if self.pref.loss in REFERENCE_FREE else (t["r1"], t["r2"])
         loss, (chosen, rejected) = pair_loss(self.pref.loss, t["p1"], t["p2"], *(ref or (None, None)), n1, n2, self.beta,
                                              self.pref.gamma, self.pref.label_smoothing)
         margin = chosen - rejected
-        own = t["p1"] / n1 - t["p2"] / n2  # the model's own ranking: mean token log-probability
-        return {
-            "loss": float(loss.mean()),
-            "preference_accuracy": float(((own > 0).double() + 0.5 * (own == 0).double()).mean()),
-            "reward_accuracy": float((margin > 0).double().mean()),
-            "reward_margin": float(margin.mean()),
-            "logps_chosen": float((t["p1"] / n1).mean()), "logps_rejected": float((t["p2"] / n2).mean()),
-            "pairs": len(rows),
-        }
+        return {"loss": float(loss.mean()), "preference_accuracy": ranking["preference_accuracy"],
+                "reward_accuracy": float((margin > 0).double().mean()), "reward_margin": float(margin.mean()),
+                **{k: v for k, v in ranking.items() if k != "preference_accuracy"}}
 
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
         out = super().final(model, enc, rt, ev)
