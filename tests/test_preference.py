@@ -395,3 +395,10 @@ def test_eval_on_new_pairs_reports_the_ranking_without_a_reference(lora_run, tmp
     assert m["preference_accuracy"] == 1.0 and m["pairs"] == 5 and "loss" not in m and "reward_margin" not in m
     r = run_cli("eval", res.run_dir, "--data", tmp_path / "new.jsonl")
     assert r.returncode == 0 and "preference_accuracy" in r.stdout and "1.0000" in r.stdout, r.stderr
+
+
+def test_generate_answers_from_a_preference_run(lora_run, run_cli):
+    res, _, _ = lora_run
+    r = run_cli("generate", res.run_dir, LM_CORPUS[0], "--temperature", "0", "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout and "error" not in r.stderr, r.stderr  # the tiny model answers with newlines
+    assert (res.run_dir / "model" / "adapter" / "adapter_config.json").exists()  # LoRA: the adapter alone too
