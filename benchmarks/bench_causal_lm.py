@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _workers import run_worker
 
 LORA = dict(r=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 BATCH, LENGTH, LR = 8, 256, 5e-4
@@ -172,19 +171,8 @@ def main() -> None:
     resolve_model("smollm2-135m")  # convert once, outside the timed runs
     results = {}
     for name in a.only.split(","):
-        log = Path(tmp) / f"{name}.log"
-        with log.open("w") as fh:  # a file, not a pipe: os.wait4 gives this child's own peak RSS
-            p = subprocess.Popen([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(a.steps)],
-                                 stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            _, status, usage = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)
-        out = log.read_text()
-        if p.returncode:
-            print(out[-4000:])
-            raise SystemExit(f"{name} failed")
-        r = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-        r["peak_rss_mb"] = usage.ru_maxrss / 1024
-        results[name] = r
+        r = results[name] = run_worker([__file__, "--worker", name, "--data", str(data), "--steps", str(a.steps)],
+                                       Path(tmp) / f"{name}.log")
         print(f"{name:<12} {r['tokens_per_s']:7.1f} tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
               f"held-out loss {r['held_out_loss']:.4f}  ({r['steps']} steps, {r['train_s']:.0f} s)", flush=True)
     best_trl = max((r["tokens_per_s"] for n, r in results.items() if n.startswith("trl")), default=None)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _workers import run_worker
 
 LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 BATCH, LENGTH, LR, BETA = 8, 256, 5e-5, 0.1
@@ -183,24 +183,11 @@ def main() -> None:
     data = prepare(Path(a.data) if a.data else None, a.pairs, tmp)
     results = {}
     for name in ["untuned", *a.only.split(",")]:
-        log = tmp / f"{name}.log"
-        with log.open("w") as fh:  # a file, not a pipe: os.wait4 gives this child's own peak RSS
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                   "TUNESMITH_CACHE": str(tmp / f"cache-{name}")}
-            models = Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith") / "models"
-            (tmp / f"cache-{name}").mkdir()
-            (tmp / f"cache-{name}" / "models").symlink_to(models)  # the converted SmolLM2, not the reference cache
-            p = subprocess.Popen([sys.executable, __file__, "--worker", name, "--data", str(data)],
-                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
-            _, status, usage = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)
-        out = log.read_text()
-        if p.returncode:
-            print(out[-4000:])
-            raise SystemExit(f"{name} failed")
-        r = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-        r["peak_rss_mb"] = usage.ru_maxrss / 1024
-        results[name] = r
+        models = Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith") / "models"
+        (tmp / f"cache-{name}").mkdir()
+        (tmp / f"cache-{name}" / "models").symlink_to(models)  # the converted SmolLM2, not the reference cache
+        r = results[name] = run_worker([__file__, "--worker", name, "--data", str(data)], tmp / f"{name}.log",
+                                       {"TUNESMITH_CACHE": str(tmp / f"cache-{name}")})
         print(f"{name:<15} {r['pairs_per_s']:6.2f} pairs/s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
               f"held-out preference accuracy {r['accuracy']:.3f}, reward accuracy {r['reward_accuracy']:.3f}, "
               f"margin {r['reward_margin']:+.3f}  ({r['steps']} steps, {r['train_s']:.0f} s)", flush=True)

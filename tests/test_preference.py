@@ -27,15 +27,19 @@ def chat_pair(q: str, c: str, r: str) -> dict:
             "rejected": [{"role": "assistant", "content": r}]}
 
 
-@pytest.fixture
-def pref_dir(tmp_path) -> Path:
-    d = tmp_path / "prefdata"
+def write_pref_data(d: Path) -> Path:
+    """The five pairs: 8 times over for training, two for validation, all five for test."""
     d.mkdir()
     rows = [chat_pair(*p) for p in PAIRS]
     write_jsonl(d / "train.jsonl", rows * 8)
     write_jsonl(d / "validation.jsonl", rows[:2])
     write_jsonl(d / "test.jsonl", rows)
     return d
+
+
+@pytest.fixture
+def pref_dir(tmp_path) -> Path:
+    return write_pref_data(tmp_path / "prefdata")
 
 
 @pytest.fixture
@@ -159,12 +163,7 @@ def test_one_row_per_pair_gives_the_log_probabilities_of_separate_sequences(make
 def lora_run(tiny_llama_dir, tmp_path_factory):
     """One LoRA DPO run, and a second on the same model and data (the reference read from the cache)."""
     tmp = tmp_path_factory.mktemp("pref-lora")
-    d = tmp / "data"
-    d.mkdir()
-    rows = [chat_pair(*p) for p in PAIRS]
-    write_jsonl(d / "train.jsonl", rows * 8)
-    write_jsonl(d / "validation.jsonl", rows[:2])
-    write_jsonl(d / "test.jsonl", rows)
+    d = write_pref_data(tmp / "data")
     mp = pytest.MonkeyPatch()
     mp.setenv("TUNESMITH_CACHE", str(tmp / "cache"))
     cfg = {"task": "preference", "model": str(tiny_llama_dir),

@@ -108,6 +108,11 @@ def write_chatterbot(out: Path, topics: list[str] | None = None, seed: int = 0,
     for _topic, q, a in pairs:
         conv = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         rows[split_of.get(q, "train")].append(json.dumps(conv, ensure_ascii=False))
+    return _write_splits(out, rows)
+
+
+def _write_splits(out: Path, rows: dict[str, list[str]]) -> dict[str, int]:
+    """DIR/<split>.jsonl, written aside and renamed: a killed run leaves no half-written folder."""
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for split, lines in rows.items():
@@ -172,9 +177,4 @@ def write_preference(out: Path, topics: list[str] | None = None, model: str = "s
         row = {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
                "rejected": [{"role": "assistant", "content": own[q]}]}
         rows[split_of.get(q, "train")].append(json.dumps(row, ensure_ascii=False))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for split, lines in rows.items():
-        (tmp / f"{split}.jsonl").write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-    tmp.rename(out)
-    return {k: len(v) for k, v in rows.items()}
+    return _write_splits(out, rows)

@@ -359,15 +359,21 @@ def read_lm_set(path: str, data: Any, lm: Any, name: str) -> LMSet:
                 f"'prompt'+'completion', 'instruction'+'output' (Alpaca) or '{data.text_column}' (raw text); "
                 "rename the fields or set lm.format"
             )
+    return convert_rows(table, malformed, lambda row, where: to_example(row, fmt, where, data.text_column, lm.system_prompt),
+                        name, str(p), fmt)
+
+
+def convert_rows(table: Any, malformed: list[tuple[str, str]], convert: Any, name: str, source: str, fmt: str) -> LMSet:
+    """Every row of a read table through `convert(row, where)` (an example, or why the row is unusable)."""
     examples, bad = [], list(malformed)
     for i, row in enumerate(table.rows):
-        ex = to_example(row, fmt, table.where(i), data.text_column, lm.system_prompt)
+        ex = convert(row, table.where(i))
         if isinstance(ex, str):
             bad.append((table.where(i), ex))
         else:
             examples.append(ex)
     bad.sort(key=lambda b: line_of(b[0]))
-    return LMSet(name, str(p), fmt, examples, bad)
+    return LMSet(name, source, fmt, examples, bad)
 
 
 def line_of(where: str) -> int:

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.chat import LMSet, line_of, chat_problem
+from tunesmith.data.chat import LMSet, chat_problem, convert_rows
 from tunesmith.data.text import text_problem
 from tunesmith.errors import UserError
 
@@ -204,12 +204,5 @@ def read_pref_set(path: str, data: Any, fmt: str, system_prompt: str | None, nam
             raise UserError(f"{p}: cannot tell the preference format from its fields ({cols}); the preference task reads "
                             "prompt+chosen+rejected (TRL), input+preferred_output+non_preferred_output (OpenAI) or "
                             "prompt+completion+label (KTO); rename the fields or set preference.format")
-    examples, bad = [], list(malformed)
-    for i, row in enumerate(table.rows):
-        ex = to_pref_example(row, fmt, table.where(i), system_prompt) if isinstance(row, dict) else "a row must be a JSON object"
-        if isinstance(ex, str):
-            bad.append((table.where(i), ex))
-        else:
-            examples.append(ex)
-    bad.sort(key=lambda b: line_of(b[0]))
-    return LMSet(name, str(p), fmt, examples, bad)
+    return convert_rows(table, malformed, lambda row, where: to_pref_example(row, fmt, where, system_prompt)
+                        if isinstance(row, dict) else "a row must be a JSON object", name, str(p), fmt)
