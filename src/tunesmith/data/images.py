@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -91,8 +91,8 @@ def to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def decode(path: Path, pre: Preprocess) -> torch.Tensor:
-    """The image at `path` as uint8 (3, H, W), shorter side resized to `pre.resize`.
+def decode(path: Path | BinaryIO, pre: Preprocess) -> torch.Tensor:
+    """The image at `path` (or in an open binary file) as uint8 (3, H, W), shorter side resized to `pre.resize`.
 
     Raises ValueError with a reason when the file is not a readable image."""
     from PIL import Image
