@@ -83,6 +83,8 @@ def test_onnx_image_export_matches_pytorch(tiny_timm_dir, tmp_path):
     make_images(tmp_path / "train", 8, 0)
     make_images(tmp_path / "test", 3, 1)
     tunesmith.train(config(tiny_timm_dir, tmp_path, tmp_path, optim={"epochs": 2}), quiet=True)
+    with pytest.raises(tunesmith.UserError, match="int8 is for text classifiers"):
+        export_onnx(tmp_path / "run", quantize="int8", quiet=True)
     report = export_onnx(tmp_path / "run", quiet=True)
     assert report["parity"]["max_abs_logit_diff"] < 1e-4 and report["parity"]["samples"] == 9
     files = sorted((tmp_path / "test").rglob("*.png"))

@@ -273,3 +273,14 @@ def test_fuzzed_classify_bodies_never_take_the_server_down(text_run):
 
     check()
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_serve_refuses_a_busy_port_and_onnx_for_chat_with_one_line(text_run, tiny_llama_dir, run_cli):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = run_cli("serve", text_run, "--port", port)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+    r = run_cli("serve", tiny_llama_dir, "--onnx")
+    assert r.returncode == 2 and "--onnx serves classifiers" in r.stderr
+    r = run_cli("serve", text_run, "--onnx")
+    assert r.returncode == 2 and "no ONNX export" in r.stderr

@@ -416,8 +416,16 @@ def _image_routes(app: Any, served: Served) -> None:
 
 def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
     """Build the app and run it with uvicorn until Ctrl-C."""
+    import socket
+
     import uvicorn
 
+    try:  # a clear error before the model loads, where uvicorn would log and exit 1
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another server using it? "
+                        "choose another --port") from None
     app = build_app(source, **kwargs)
     served = app.state.served
     print(f"tunesmith: serving {served.kind} model '{served.name}' on http://{host}:{port} "
