@@ -85,11 +85,19 @@ def test_onnx_image_export_matches_pytorch(tiny_timm_dir, tmp_path):
     tunesmith.train(config(tiny_timm_dir, tmp_path, tmp_path, optim={"epochs": 2}), quiet=True)
     with pytest.raises(tunesmith.UserError, match="int8 is for text classifiers"):
         export_onnx(tmp_path / "run", quantize="int8", quiet=True)
-    report = export_onnx(tmp_path / "run", quiet=True)
+    report = tunesmith.export(tmp_path / "run", "onnx")
     assert report["parity"]["max_abs_logit_diff"] < 1e-4 and report["parity"]["samples"] == 9
     files = sorted((tmp_path / "test").rglob("*.png"))
-    assert [p.label for p in load(tmp_path / "run", onnx=True).predict(files)] == [
-        p.label for p in load(tmp_path / "run").predict(files)]
+    want = [p.label for p in load(tmp_path / "run").predict(files)]
+    assert [p.label for p in load(tmp_path / "run", onnx=True).predict(files)] == want
+    from fastapi.testclient import TestClient
+
+    from tunesmith.serve import build_app
+
+    with TestClient(build_app(tmp_path / "run", onnx=True)) as client:  # serve --onnx on an image run
+        r = client.post("/v1/classify", files=[("image", (f.name, f.read_bytes(), "image/png")) for f in files])
+        assert r.status_code == 200 and [x["label"] for x in r.json()["results"]] == want
+        assert client.get("/health").json()["backend"] == "onnxruntime"
 
 
 def test_exports_refuse_the_wrong_kind_of_run(text_run, tiny_llama_dir, tmp_path, run_cli):

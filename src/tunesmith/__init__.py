@@ -6,10 +6,10 @@
     clf("a gripping, beautifully shot film")
 """
 
-from tunesmith.api import RunResult, evaluate, load, train, validate
+from tunesmith.api import RunResult, evaluate, export, load, serve, train, validate
 from tunesmith.experiments import sweep, train_seeds
 from tunesmith.config import Config, load_config
 from tunesmith.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["train", "train_seeds", "sweep", "validate", "evaluate", "load", "load_config", "Config", "RunResult", "UserError", "__version__"]
+__all__ = ["train", "train_seeds", "sweep", "validate", "evaluate", "load", "export", "serve", "load_config", "Config", "RunResult", "UserError", "__version__"]

@@ -1,4 +1,4 @@
-"""The Python API, mirroring the CLI: `train`, `validate`, `evaluate`, `load`.
+"""The Python API, mirroring the CLI: `train`, `validate`, `evaluate`, `load`, `export`, `serve`.
 
 The CLI parses arguments and prints; the work is here, and it goes through the same phases as a
 training run (`tunesmith.loop.preflight` first), so `validate` accepts exactly what `train` does.
@@ -79,4 +79,28 @@ def evaluate(run_dir: str | Path, data: str) -> dict[str, Any]:
     return task.evaluate(model.to(device), enc, Runtime(device, batch_size=cfg.eval.batch_size))[0]
 
 
-__all__ = ["train", "validate", "evaluate", "load", "run_config", "RunResult"]
+def export(run_dir: str | Path, format: str, output: str | Path | None = None, quantize: str | None = None,
+           quiet: bool = True) -> dict[str, Any]:
+    """`tunesmith export`: ONNX (classifiers; quantize None or "int8") or GGUF (Llama-family chat runs;
+    quantize "f16" or "q8_0"), checked against PyTorch; returns what export.json holds."""
+    if format == "onnx":
+        from tunesmith.export_onnx import export_onnx
+
+        if quantize not in (None, "int8"):
+            raise UserError(f"quantize={quantize!r} is for gguf; ONNX takes quantize='int8'")
+        return export_onnx(run_dir, output, quantize=quantize, quiet=quiet)
+    if format == "gguf":
+        from tunesmith.export_gguf import export_gguf
+
+        return export_gguf(run_dir, output, quantize=quantize or "f16", quiet=quiet)
+    raise UserError(f"format={format!r}: choose 'onnx' or 'gguf'")
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """`tunesmith serve`: run the HTTP server until interrupted (kwargs: name, onnx, quantized, limits)."""
+    from tunesmith.serve import serve as run_server
+
+    run_server(run_dir, host=host, port=port, **kwargs)
+
+
+__all__ = ["train", "validate", "evaluate", "load", "export", "serve", "run_config", "RunResult"]
