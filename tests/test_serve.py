@@ -134,6 +134,15 @@ def test_the_openai_client_chats_streams_and_stops(chat_run):
         seeded = [client.chat.completions.create(model=name, messages=prompt, max_tokens=8, seed=3, temperature=1.0)
                   .choices[0].message.content for _ in range(2)]
         assert seeded[0] == seeded[1]
+    import openai
+
+    with running(build_app(chat_run, api_key="s3cret")) as url:  # --api-key: the client's api_key is checked
+        good = OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model=name, messages=prompt, temperature=0, max_tokens=12
+                                            ).choices[0].message.content == want
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(f"{url}/health").status_code == 200  # open, for load balancers
 
 
 BAD_CHAT = [

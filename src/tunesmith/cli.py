@@ -149,6 +149,8 @@ def _deploy_commands(sub: Any) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_positive, default=8000)
     sv.add_argument("--name", help="the model name clients send and /v1/models lists (default: the folder's name)")
+    sv.add_argument("--api-key", default=os.environ.get("TUNESMITH_API_KEY"),
+                    help="require `Authorization: Bearer KEY` on /v1/ routes (default: $TUNESMITH_API_KEY; none: open)")
     sv.add_argument("--onnx", action="store_true", help="classifiers: run RUN/onnx/model.onnx with onnxruntime")
     sv.add_argument("--int8", action="store_true", help="classifiers: run the int8 ONNX model; implies --onnx")
     sv.add_argument("--max-batch", type=_positive, help="inputs batched together (default: 32 texts or images, 16 chat "
@@ -174,7 +176,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     limits = Limits(window_ms=a.batch_window_ms, max_tokens=a.max_tokens, max_inputs=a.max_inputs)
     if a.max_batch:
         limits.max_batch = limits.chat_batch = a.max_batch
-    serve(a.run_dir, host=a.host, port=a.port, name=a.name, onnx=a.onnx, quantized=a.int8, limits=limits)
+    serve(a.run_dir, host=a.host, port=a.port, name=a.name, onnx=a.onnx, quantized=a.int8, limits=limits,
+          api_key=a.api_key)
     return 0
 
 

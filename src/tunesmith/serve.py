@@ -159,6 +159,27 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class ApiKey:
+    """ASGI middleware: /v1/ routes need `Authorization: Bearer KEY` (the OpenAI client sends its api_key
+    so); /health and the API docs stay open, as vLLM's and llama.cpp's servers do."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        import hmac
+
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + self.key):
+                from starlette.responses import JSONResponse
+
+                body = _error_body(401, "missing or wrong API key: send the header Authorization: Bearer KEY "
+                                        "(the openai client's api_key)", kind="authentication_error")
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _error_body(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
@@ -254,8 +275,9 @@ class Served:
         return out
 
 
-def build_app(source: str | Path, **kwargs: Any) -> Any:
-    """The FastAPI app serving `source` (a run directory, a model directory or a packaged name)."""
+def build_app(source: str | Path, api_key: str | None = None, **kwargs: Any) -> Any:
+    """The FastAPI app serving `source` (a run directory, a model directory or a packaged name); with
+    `api_key`, the /v1/ routes need it as a bearer token."""
     import importlib.util
 
     for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("multipart", "python-multipart")):
@@ -269,6 +291,8 @@ def build_app(source: str | Path, **kwargs: Any) -> Any:
     app.state.served = served
     limit = served.limits.max_image_bytes if served.kind == "image" else served.limits.max_body_bytes
     app.add_middleware(BodyLimit, max_bytes=limit)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)  # added last: it runs first, before a body is read
     _install_errors(app)
 
     @app.get("/health")
@@ -430,4 +454,7 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwarg
     served = app.state.served
     print(f"tunesmith: serving {served.kind} model '{served.name}' on http://{host}:{port} "
           f"(API docs at /docs; Ctrl-C stops)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not kwargs.get("api_key"):
+        print(f"tunesmith: warning: listening on {host} without --api-key: anyone who can reach this port can use "
+              "the model", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
