@@ -102,7 +102,7 @@ def run_trainer(args, train_csv: Path, test_csv: Path, bf16: bool) -> dict:
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64,
         learning_rate=args.lr,
-        num_train_epochs=1,
+        num_train_epochs=getattr(args, "epochs", 1),
         warmup_steps=0.06,
         weight_decay=0.01,
         train_sampling_strategy="group_by_length",
