@@ -230,6 +230,35 @@ def test_concurrent_chat_requests_share_batches_and_keep_their_answers(chat_run)
     assert health["items"] == len(questions) + 3 and health["batches"] < health["items"]
 
 
+def test_a_request_that_arrives_mid_generation_joins_the_running_batch(chat_run):
+    from tunesmith.generate import ChatModel
+
+    local = ChatModel(chat_run)
+    questions = [r["messages"][0]["content"] for r in make_chat_rows()[:3]]
+    alone = ["".join(local.stream(q, max_new_tokens=16, temperature=0)) for q in questions]
+    app = build_app(chat_run, limits=Limits(chat_window_ms=0))
+    model = app.state.served.model.model
+    real = model.forward
+
+    def slow(*a, **k):  # 50 ms a step: the later requests come while the first is generating
+        time.sleep(0.05)
+        return real(*a, **k)
+
+    model.forward = slow
+    with running(app) as url, ThreadPoolExecutor(3) as pool:
+        def ask(i):
+            time.sleep(0.15 * i)
+            r = _chat(url, messages=[{"role": "user", "content": questions[i]}], max_tokens=16, temperature=0)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        got = list(pool.map(ask, range(3)))
+        health = httpx.get(f"{url}/health").json()["batching"]
+    assert got == alone
+    assert health["items"] == 3 and health["batches"] == 1  # one batch: the others joined it mid-flight
+    assert 1 < health["mean_batch"] <= 3
+
+
 @pytest.fixture(scope="module")
 def image_run(tiny_timm_dir, tmp_path_factory) -> Path:
     from test_images import config, make_images

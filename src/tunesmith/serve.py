@@ -264,9 +264,10 @@ class Served:
         out: dict[str, Any] = {"status": "ok", "model": self.name, "kind": self.kind}
         if self.kind == "chat":
             out["waiting"] = self.chat.jobs.qsize()
+            c = self.chat
             out["batching"] = {"max_batch": self.limits.chat_batch, "window_ms": self.limits.chat_window_ms,
-                               "batches": self.chat.batches, "items": self.chat.rows,
-                               "mean_batch": round(self.chat.rows / self.chat.batches, 2) if self.chat.batches else 0.0}
+                               "batches": c.batches, "items": c.rows, "decoding_steps": c.steps,
+                               "mean_batch": round(c.row_steps / c.steps, 2) if c.steps else 0.0}
         else:
             out["labels"] = self.model.labels
             out["batching"] = {"max_batch": self.limits.max_batch, "window_ms": self.limits.window_ms,

@@ -6,9 +6,9 @@ the first waiting request, collects those that arrive within `window_ms` (up to 
 and generates them together: prompts left-padded, one forward pass per step over the batch with
 a shared KV cache, each row sampled with its own temperature, top-p, top-k, repetition penalty
 and seed. A row that ends (EOS, its max_tokens, a stop string, or a client that left) is dropped
-from the batch and its cache rows with it; the batch ends when its last row does, and requests
-that came meanwhile form the next one (static batching: vLLM's continuous batching would admit
-them mid-flight). One forward pass at a time, always.
+from the batch and its cache rows with it. Requests that arrive while a batch runs join it at the
+next step (continuous batching, as vLLM does): their prompts are prefilled apart and their cache
+rows left-padded and stacked under the running ones. One forward pass at a time, always.
 
 Events go back to each request's asyncio queue: ('start', prompt_tokens) once its prompt is
 encoded and fits, then ('piece', text)..., then ('end', stopped_at_eos, usage); or ('error', e).
@@ -95,6 +95,9 @@ class ChatWorker:
         self.eos.discard(None)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos)
         self.batches = self.rows = 0
+        self.steps = self.row_steps = 0  # decoding steps, and rows summed over them: the mean batch
+        self.active: list[Row] = []
+        self.device = next(chat_model.model.parameters()).device
         threading.Thread(target=self._work, name="tunesmith-chat", daemon=True).start()
 
     def submit(self, messages: list[dict[str, str]], options: dict[str, Any], cancel: threading.Event) -> asyncio.Queue:
@@ -142,13 +145,14 @@ class ChatWorker:
             rows = self._collect(self.jobs.get())
             if not rows:
                 continue
+            self.active = list(rows)  # with the rows admitted while it runs
+            self.batches += 1
+            self.rows += len(rows)
             try:
                 with torch.no_grad():
                     self._generate(rows)
-                self.batches += 1
-                self.rows += len(rows)
             except BaseException as e:  # noqa: BLE001 - the batch's requests get the error, the worker lives on
-                for r in rows:
+                for r in self.active:
                     if not r.done:
                         r.emit("error", e)
 
@@ -175,11 +179,10 @@ class ChatWorker:
                 row.emit("end", row.stopped, usage)
         return toks
 
-    def _generate(self, rows: list[Row]) -> None:
+    def _prefill(self, rows: list[Row]) -> "_Batch":
+        """The prompts, left-padded, through the model in one pass; each row's first token sampled."""
         from transformers import DynamicCache
 
-        model = self.chat.model
-        device = next(model.parameters()).device
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -188,25 +191,94 @@ class ChatWorker:
             mask[i, width - len(r.ids) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float().cpu()
-        nxt = pos[:, -1] + 1
-        live = list(rows)
-        while True:
-            toks = self._step_rows(live, logits)
-            keep = [i for i, r in enumerate(live) if not r.done]
-            if not keep:
+        logits = self.chat.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1).logits[:, -1].float().cpu()
+        batch = _Batch(list(rows), cache, mask, self._step_rows(rows, logits), pos[:, -1] + 1)
+        batch.drop_finished(self.device)
+        return batch
+
+    def _admit(self, batch: "_Batch") -> None:
+        """Requests waiting now join the running batch (continuous batching): their prompts are
+        prefilled apart, then their cache is left-padded to the batch's length and stacked under it."""
+        room, new = self.max_batch - len(batch.rows), []
+        while len(new) < room:
+            try:
+                row = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not row.cancel.is_set() and self._encode(row):
+                new.append(row)
+        if not new:
+            return
+        self.active += new
+        self.rows += len(new)
+        batch.merge(self._prefill(new))
+
+    def _generate(self, rows: list[Row]) -> None:
+        self.device = next(self.chat.model.parameters()).device
+        batch = self._prefill(rows)
+        while batch.rows:
+            self._admit(batch)
+            if not batch.rows:
                 return
-            if len(keep) < len(live):  # finished rows leave the batch, and the cache
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index.to(device))
-                mask, toks, nxt = mask[index], toks[index], nxt[index]
-                live = [live[i] for i in keep]
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], 1)
-            logits = model(input_ids=toks[:, None].to(device), attention_mask=mask.to(device),
-                           position_ids=nxt[:, None].to(device), past_key_values=cache, use_cache=True).logits[:, -1]
-            logits = logits.float().cpu()
-            nxt = nxt + 1
+            batch.mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long)], 1)
+            logits = self.chat.model(input_ids=batch.toks[:, None].to(self.device), attention_mask=batch.mask.to(self.device),
+                                     position_ids=batch.nxt[:, None].to(self.device), past_key_values=batch.cache,
+                                     use_cache=True).logits[:, -1].float().cpu()
+            batch.nxt = batch.nxt + 1
+            self.steps += 1
+            self.row_steps += len(batch.rows)
+            batch.toks = self._step_rows(batch.rows, logits)
+            batch.drop_finished(self.device)
+
+
+@dataclass
+class _Batch:
+    """The rows generating together: their KV cache, attention mask, last tokens and next positions."""
+
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    toks: torch.Tensor
+    nxt: torch.Tensor
+
+    def drop_finished(self, device: torch.device) -> None:
+        """Rows that ended leave the batch, and the cache."""
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep)
+        self.cache.batch_select_indices(index.to(device))
+        self.mask, self.toks, self.nxt = self.mask[index], self.toks[index], self.nxt[index]
+
+    def merge(self, other: "_Batch") -> None:
+        """`other`'s rows under these: both caches and masks left-padded to the longer length."""
+        if not other.rows:
+            return
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.toks, self.nxt = other.rows, other.cache, other.mask, other.toks, other.nxt
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = width - t.shape[dim]
+            if not extra:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t.new_zeros(shape), t], dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], 0)
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], 0)
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)], 0)
+        self.rows += other.rows
+        self.toks = torch.cat([self.toks, other.toks])
+        self.nxt = torch.cat([self.nxt, other.nxt])
 
 
 def held_back(text: str, stops: list[str]) -> int:
