@@ -147,7 +147,7 @@ def classifier_rows(run: str, clients: int, seconds: float) -> list[dict]:
     return rows
 
 
-def chat_rows(source: str, clients: int, seconds: float, max_tokens: int) -> list[dict]:
+def chat_rows(source: str, clients: int, seconds: float, max_tokens: int, single: bool = True) -> list[dict]:
     import importlib.util
 
     questions = ["What is a computer?", "How do I reset my password?", "What is the internet?", "Tell me a joke.",
@@ -164,7 +164,8 @@ def chat_rows(source: str, clients: int, seconds: float, max_tokens: int) -> lis
         "messages": [{"role": "user", "content": rng.choice(questions)}], "max_tokens": max_tokens,
         "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}})
     rows = []
-    for name, flags in (("batched generation", []), ("one answer at a time", ["--max-batch", "1"])):
+    variants = [("batched generation", []), ("one answer at a time", ["--max-batch", "1"])]
+    for name, flags in variants[: 2 if single else 1]:
         proc, url, _ = start(source, *flags)
         try:
             r = asyncio.run(load(url, request, clients, seconds, stream=True))
@@ -185,13 +186,14 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--no-single", action="store_true", help="chat: skip the one-answer-at-a-time row")
     ap.add_argument("--json", default="bench_serve.json")
     a = ap.parse_args()
     rows = []
     if a.classifier:
         rows += classifier_rows(a.classifier, a.clients, a.seconds)
     if a.chat:
-        rows += chat_rows(a.chat, a.clients, a.seconds, a.max_tokens)
+        rows += chat_rows(a.chat, a.clients, a.seconds, a.max_tokens, single=not a.no_single)
     print(f"\n{'server':44} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'dropped':>7} {'batch':>6}")
     for r in rows:
         print(f"{r['server']:44} {r['requests_per_s']:7.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:6d} "

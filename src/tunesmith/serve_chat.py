@@ -29,6 +29,12 @@ import torch
 from tunesmith.errors import UserError
 
 
+# How long a request may wait for the running batch to let it in when fewer than 4 are waiting.
+# With 16 clients on SmolLM2 (2 cores), admitting every newcomer at once cost throughput: each prefill
+# is a forward pass of its own (76-88 answer tokens/s against 93 for static batches).
+ADMIT_WAIT_S = 0.25
+
+
 class ApiError(Exception):
     """A request the server refuses: an HTTP status and an OpenAI-style error body."""
 
@@ -52,6 +58,7 @@ class Row:
     stopped: bool = False  # ended with an end-of-turn token
     done: bool = False
     generator: torch.Generator | None = None
+    arrived: float = field(default_factory=time.perf_counter)
 
     def emit(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, event)
@@ -200,8 +207,20 @@ class ChatWorker:
 
     def _admit(self, batch: "_Batch") -> None:
         """Requests waiting now join the running batch (continuous batching): their prompts are
-        prefilled apart, then their cache is left-padded to the batch's length and stacked under it."""
+        prefilled apart, then their cache is left-padded to the batch's length and stacked under it.
+        A prefill is a forward pass of its own, so newcomers are let in together: when the batch is
+        less than half full, when 4 wait, or when the first has waited ADMIT_WAIT_S."""
         room, new = self.max_batch - len(batch.rows), []
+        waiting = self.jobs.qsize()
+        if not room or not waiting:
+            return
+        try:
+            oldest = self.jobs.queue[0].arrived
+        except IndexError:
+            return
+        if (len(batch.rows) >= self.max_batch // 2 and waiting < min(room, 4)
+                and time.perf_counter() - oldest < ADMIT_WAIT_S):
+            return
         while len(new) < room:
             try:
                 row = self.jobs.get_nowait()
