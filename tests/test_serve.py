@@ -322,3 +322,24 @@ def test_serve_refuses_a_busy_port_and_onnx_for_chat_with_one_line(text_run, tin
     assert r.returncode == 2 and "--onnx serves classifiers" in r.stderr
     r = run_cli("serve", text_run, "--onnx")
     assert r.returncode == 2 and "no ONNX export" in r.stderr
+
+
+def test_a_model_error_is_a_500_for_its_requests_and_the_server_goes_on(tiny_llama_dir):
+    app = build_app(tiny_llama_dir)
+    model = app.state.served.model.model
+    real, calls = model.forward, []
+
+    def broken_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated kernel failure")
+        return real(*a, **k)
+
+    model.forward = broken_once
+    with running(app) as url:
+        bad = _chat(url, messages=[{"role": "user", "content": "the cat"}], max_tokens=4)
+        assert bad.status_code == 500 and "simulated kernel failure" in bad.json()["error"]["message"]
+        streamed = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 4, "stream": True})
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
