@@ -87,7 +87,7 @@ def export(run_dir: str | Path, format: str, output: str | Path | None = None, q
         from tunesmith.export_onnx import export_onnx
 
         if quantize not in (None, "int8"):
-            raise UserError(f"quantize={quantize!r} is for gguf; ONNX takes quantize='int8'")
+            raise UserError(f"--quantize {quantize} is for gguf; ONNX takes --quantize int8")
         return export_onnx(run_dir, output, quantize=quantize, quiet=quiet)
     if format == "gguf":
         from tunesmith.export_gguf import export_gguf

@@ -184,10 +184,6 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from tunesmith.api import export
 
-    if a.format == "gguf" and a.quantize == "int8":
-        raise UserError("--quantize int8 is for onnx; GGUF takes --quantize f16 or q8_0")
-    if a.format == "onnx" and a.quantize not in (None, "int8"):
-        raise UserError(f"--quantize {a.quantize} is for gguf; ONNX takes --quantize int8")
     export(a.run_dir, a.format, a.output, a.quantize, quiet=False)
     return 0
 

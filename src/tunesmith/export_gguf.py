@@ -17,10 +17,7 @@ what f16 or q8_0 costs; both figures go to `export.json`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.runfiles import export_folder, run_settings
 
 FILE_ATOL = 1e-4  # GGUF read back vs the same-rounded PyTorch model: the file itself must be exact
 SUPPORTED = ("llama", "mistral")  # llama.cpp writes both as `llama`
@@ -58,7 +56,7 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _qtype(name: str, w: np.ndarray, quantize: str) -> Any:
+def _qtype(w: np.ndarray, quantize: str) -> Any:
     import gguf
 
     if w.ndim == 1:
@@ -90,7 +88,7 @@ def gguf_tensors(model: torch.nn.Module, quantize: str) -> list[tuple[str, np.nd
             w = permute(w, cfg.num_attention_heads)
         elif hf.endswith("k_proj.weight"):
             w = permute(w, cfg.num_key_value_heads)
-        qtype = _qtype(name, w, quantize)
+        qtype = _qtype(w, quantize)
         if qtype == gguf.GGMLQuantizationType.Q8_0:
             data = gguf.quants.quantize(w, qtype)
         else:
@@ -217,11 +215,8 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, tensors: list, quantize: 
 
 def sample_prompts(run: Path, n: int = 4) -> list[str]:
     """The first user turns of the run's test (else validation) conversations; fixed prompts otherwise."""
-    import yaml
-
     prompts: list[str] = []
-    cfg_file = run / "config.yaml"
-    data = (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("data") or {} if cfg_file.exists() else {}
+    data = run_settings(run).get("data") or {}
     for split in ("test", "validation"):
         path = Path(data.get(split) or "")
         if not data.get(split) or not path.is_file() or path.suffix != ".jsonl":
@@ -364,7 +359,7 @@ def export_gguf(run_dir: str | Path, output: str | Path | None = None, quantize:
     import importlib.util
 
     if quantize not in ("f16", "q8_0"):
-        raise UserError(f"--quantize {quantize}: GGUF export writes f16 or q8_0")
+        raise UserError(f"--quantize {quantize} is for onnx; GGUF takes --quantize f16 or q8_0")
     if importlib.util.find_spec("gguf") is None:
         raise UserError("GGUF export needs the 'gguf' package: pip install gguf")
     run = Path(run_dir)
@@ -375,45 +370,26 @@ def export_gguf(run_dir: str | Path, output: str | Path | None = None, quantize:
         run, default_out = resolve_model(str(run_dir)).path, Path(f"{Path(str(run_dir)).name}-gguf")
     model_dir = _model_dir(run)
     out = Path(output) if output else default_out
-    if out.exists() and not (out / "export.json").exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not an earlier GGUF export; choose another --output")
     t0 = time.perf_counter()
     model, tokenizer = _load(model_dir)
     name = run.name if model_dir != run else model_dir.name
     gguf_name = f"{name}-{quantize}.gguf"
     if not quiet:
         print(f"tunesmith: writing {gguf_name} ({quantize}) and checking it against the PyTorch model", flush=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with export_folder(out, "GGUF") as tmp:
         tensors = gguf_tensors(model, quantize)
         meta = write_gguf(tmp / gguf_name, model, tokenizer, tensors, quantize, name)
         check = verify(tmp / gguf_name, model, tokenizer, tensors, sample_prompts(run), meta["eos_token_ids"])
         if problems := _problems(check):
             raise UserError(f"the GGUF file does not reproduce {run}: {'; '.join(problems)} (nothing was written)")
-        system = _run_system_prompt(run)
+        system = (run_settings(run).get("lm") or {}).get("system_prompt")
         (tmp / "Modelfile").write_text(modelfile(gguf_name, tokenizer, meta["eos_token_ids"], system), encoding="utf-8")
         report = {"format": "gguf", "file": gguf_name, "quantize": quantize, **meta, "check": check,
                   "size_mb": round((tmp / gguf_name).stat().st_size / 1e6, 1), "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         _print(report, out)
     return report
-
-
-def _run_system_prompt(run: Path) -> str | None:
-    import yaml
-
-    cfg_file = run / "config.yaml"
-    if not cfg_file.exists():
-        return None
-    return ((yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("lm") or {}).get("system_prompt")
 
 
 def _print(report: dict[str, Any], out: Path) -> None:

@@ -19,10 +19,8 @@ against looser, stated tolerances.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.runfiles import export_folder, run_settings
 
 # Optimum checks BERT-family exports at atol 1e-4 on the logits; the same here for float32.
 FLOAT_ATOL = 1e-4
@@ -51,46 +50,36 @@ def _need(module: str, extra: str = "onnx") -> None:
 
 def sample_texts(run_dir: Path, n: int = SAMPLES) -> list[str]:
     """Up to n texts from the run's test (else validation, else train) file; a few fixed ones otherwise."""
-    import yaml
-
     from tunesmith.config import DataConfig
     from tunesmith.data.text import read_text_set
 
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.exists():
-        raw = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-        data = raw.get("data") or {}
-        for split in ("test", "validation", "train"):
-            path = data.get(split)
-            if path and Path(path).is_file():
-                dcfg = DataConfig.model_validate({**data, "train": path, "validation": None, "test": None,
-                                                  "max_rows": None})
-                try:
-                    texts = read_text_set(path, dcfg, split, labelled=False).texts
-                except UserError:
-                    continue
-                if texts:
-                    return list(texts[:n])
+    data = run_settings(run_dir).get("data") or {}
+    for split in ("test", "validation", "train"):
+        path = data.get(split)
+        if path and Path(path).is_file():
+            dcfg = DataConfig.model_validate({**data, "train": path, "validation": None, "test": None, "max_rows": None})
+            try:
+                texts = read_text_set(path, dcfg, split, labelled=False).texts
+            except UserError:
+                continue
+            if texts:
+                return list(texts[:n])
     return ["a gripping, beautifully shot film", "dull", "the plot of this movie was a mess and the actors were bored",
             "", "fine " * 300]
 
 
 def sample_images(run_dir: Path, clf: Any, n: int = 32) -> list[torch.Tensor]:
     """Up to n images from the run's test or validation folder; seeded noise when there are none."""
-    import yaml
-
     from tunesmith.data.images import IMAGE_SUFFIXES
 
     found: list[Path] = []
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.exists():
-        data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")).get("data") or {}
-        for split in ("test", "validation", "train"):
-            root = Path(data.get(split) or "")
-            if data.get(split) and root.is_dir():
-                found = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)[:n]
-                if found:
-                    break
+    data = run_settings(run_dir).get("data") or {}
+    for split in ("test", "validation", "train"):
+        root = Path(data.get(split) or "")
+        if data.get(split) and root.is_dir():
+            found = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)[:n]
+            if found:
+                break
     images = []
     for f in found:
         try:
@@ -243,18 +232,8 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, quantize:
                         "EfficientNet-Lite0's labels on digits (convolutions need static quantization with calibration "
                         "images, which tunesmith does not do yet); export the float32 model without --quantize")
     out = Path(output) if output else run / "onnx"
-    if out.exists() and not (out / "export.json").exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not an earlier ONNX export; choose another --output")
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with export_folder(out, "ONNX") as tmp:
         report = _export_into(clf, run, tmp, kind, quantize, quiet)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         _print(report, out)
     return report

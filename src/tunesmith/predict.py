@@ -222,12 +222,9 @@ class OnnxImageClassifier(_OnnxSession, ImageClassifier):
 
 
 def _run_max_length(run_dir: Path) -> int:
-    run_cfg = run_dir / "config.yaml"
-    if run_cfg.exists():
-        import yaml
+    from tunesmith.runfiles import run_settings
 
-        return int(yaml.safe_load(run_cfg.read_text())["train"]["max_length"])
-    return 128
+    return int((run_settings(run_dir).get("train") or {}).get("max_length", 128))
 
 
 def load_onnx(run_dir: str | Path, quantized: bool = False) -> OnnxTextClassifier | OnnxImageClassifier:
