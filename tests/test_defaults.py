@@ -90,3 +90,68 @@ def test_lp_ft_fits_the_head_on_cached_features_first_and_keeps_the_better_stage
     if strategy["name"] == "full":  # the tiny random model gives LoRA and a probe nothing to work with
         assert ev["after"]["accuracy"] > ev["before"]["accuracy"]
     assert (res.run_dir / "model" / "model.safetensors").exists()
+
+
+def test_a_fitted_probe_is_one_linear_layer_on_the_raw_features():
+    """fit_probe folds the standardization into the weights: the layer's logits are scikit-learn's scores
+    (binary split as -s/2, s/2; a class without training rows never wins; one-vs-rest for multi-label)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from tunesmith.metrics import ABSENT_LOGIT, fit_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)) * rng.uniform(0.1, 5, size=6) + rng.normal(size=6) * 3
+    for k, y in ((2, rng.integers(0, 2, 120)), (4, rng.choice([0, 1, 3], 120))):
+        w, b = fit_probe(x, y, k, multi_label=False, c=0.5)
+        scaler = StandardScaler().fit(x)
+        ref = LogisticRegression(max_iter=2000, C=0.5, random_state=0).fit(scaler.transform(x), y).decision_function(scaler.transform(x))
+        logits = x @ w.T + b
+        if k == 2:
+            np.testing.assert_allclose(logits[:, 1] - logits[:, 0], ref, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_allclose(logits[:, [0, 1, 3]], ref, rtol=1e-6, atol=1e-6)
+            assert (logits[:, 2] == ABSENT_LOGIT).all() and (logits.argmax(1) != 2).all()
+    multi = rng.integers(0, 2, size=(120, 3))
+    w, b = fit_probe(x, multi, 3, multi_label=True)
+    assert w.shape == (3, 6) and (((x @ w.T + b) > 0) == multi).mean() > 0.5
+
+
+def test_feature_extraction_starts_from_the_best_logistic_regression_and_keeps_it_unless_beaten(make_config, capsys):
+    """The head starts as the logistic regression best on validation (the linear probe, C=1, is one of the
+    candidates), is validated before step 1, and training must beat that to replace it: the run ends at or
+    above the linear probe on validation. Turned off, the first validation comes after training."""
+    import json
+
+    res = tunesmith.train(make_config(strategy={"name": "feature-extraction"}, eval={"linear_probe": True}))
+    ev, out = res.eval, capsys.readouterr().out
+    start = ev["features"]["probe_start"]
+    assert start["C"] in (1.0, 0.1, 0.01) and start["rows"] == ev["data"]["train"]["rows"]
+    assert "head: starts as logistic regression" in out
+    evals = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert evals[0]["step"] == 0 and evals[0]["macro_f1"] == pytest.approx(start["macro_f1"], abs=1e-6)
+    assert start["macro_f1"] >= ev["baseline_validation"]["linear_probe"]["macro_f1"] - 1e-6
+    assert ev["validation_best"]["macro_f1"] >= start["macro_f1"]
+    assert not ev["guard"]["worse"]
+    off = tunesmith.train(make_config(strategy={"name": "feature-extraction", "probe_start": False}, overwrite=True), quiet=True)
+    first = next(json.loads(l) for l in (off.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l)
+    assert first["step"] > 0 and "probe_start" not in off.eval["features"]
+
+
+def test_lp_ft_falls_back_on_the_logistic_regression_when_fine_tuning_ends_below_it(make_config, capsys):
+    """A rate too small to move anything and one short probe stage: both end below the logistic regression
+    fitted on the probe stage's features, so the run keeps that regression (starting backbone, head set to
+    the fit): on test it scores exactly what the linear probe scores, and eval.json says why."""
+    cfg = make_config(strategy={"name": "full", "lp_ft": True}, optim={"lr": 1e-9, "head_lr": 1e-9, "epochs": 1, "min_steps": 0},
+                      eval={"linear_probe": True})
+    ev = tunesmith.train(cfg).eval
+    out = capsys.readouterr().out
+    kept = ev["kept_stage"]
+    assert kept["stage"] == "logistic regression" and kept["macro_f1"] > kept["instead_of"]
+    assert "kept the logistic regression on the probe stage's features" in out
+    assert ev["validation_best"]["macro_f1"] == pytest.approx(ev["baseline_validation"]["linear_probe"]["macro_f1"], abs=1e-6)
+    for m in ("accuracy", "macro_f1", "loss"):
+        assert ev["after"][m] == pytest.approx(ev["linear_probe"][m], abs=1e-4), m
+    assert not ev["guard"]["worse"]
+    assert max(ev["weights_moved"].values()) == 0.0  # the backbone as it started

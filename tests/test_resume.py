@@ -213,9 +213,10 @@ def test_two_processes_resume_after_sigkill_and_stop_together_on_sigterm(tmp_pat
 
 
 def test_resumed_fine_tuning_stage_still_falls_back_to_the_probe_stage(tmp_path, resume_config):
-    """LP-FT with a fine-tuning rate that wrecks the model: the run keeps the first stage's model. Killed
-    in the second stage and resumed, it must still know where that stage began, and end with the same
-    weights as the run that never stopped (the stage's start is in the checkpoint)."""
+    """LP-FT with a fine-tuning rate that wrecks the model: the run falls back on the probe stage's logistic
+    regression (better on validation loss than the stage's own head and the wrecked model). Killed in the
+    second stage and resumed, it must still know where that stage began (in the checkpoint) and refit the
+    regression of the stage it skips, and end with the same weights as the run that never stopped."""
     def cfg(out):
         return resume_config(out, strategy={"name": "full", "lp_ft": True, "replay": None}, optim={"lr": 5.0, "epochs": 2},
                              train={"metric": "loss"})
@@ -223,13 +224,14 @@ def test_resumed_fine_tuning_stage_still_falls_back_to_the_probe_stage(tmp_path,
     proc, plain = work(tmp_path, cfg(tmp_path / "plain"), name="plain")
     assert proc.returncode == 0, proc.stderr[-2000:]
     kept = json.loads((tmp_path / "plain" / "eval.json").read_text())["kept_stage"]
-    assert kept["stage"] == 0
+    assert kept["stage"] == "logistic regression"
     out = tmp_path / "run"
     proc, _ = work(tmp_path, cfg(out), env={"KILL_AT_CALL": "17"})  # step 18: stage 2 (steps 13-24), after its checkpoint at 16
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     proc, d = work(tmp_path, cfg(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads((out / "eval.json").read_text())["kept_stage"]  # numbers within float noise between processes
-    assert got["stage"] == kept["stage"] and got == pytest.approx(kept, rel=1e-6)
+    assert got["stage"] == kept["stage"]
+    assert {k: v for k, v in got.items() if k != "stage"} == pytest.approx({k: v for k, v in kept.items() if k != "stage"}, rel=1e-6)
     for k, v in final(plain).items():
         torch.testing.assert_close(final(d)[k], v, atol=1e-6, rtol=0, msg=f"{k} differs after resume")

@@ -338,23 +338,26 @@ def test_feature_extraction_model_predicts_what_the_cache_trained(make_config, d
 # -- auto ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device, params, rows, blocks, guards, expected", [
-    ("cpu", 22_000_000, 300, 6, False, {"name": "feature-extraction"}),
-    ("cpu", 22_000_000, 999, 6, False, {"name": "feature-extraction"}),
-    ("cpu", 22_000_000, 4000, 6, False, {"name": "full", "layer_decay": 0.8}),
-    ("cpu", 110_000_000, 4000, 12, False, {"name": "freeze", "train_last_n": 4, "layer_decay": 0.8}),
-    ("cpu", 22_000_000, 300, 6, True, {"name": "full", "layer_decay": 0.8}),
-    ("cuda", 22_000_000, 500, 6, False, {"name": "full", "layer_decay": 0.9}),
-    ("cuda", 110_000_000, 200, 12, False, {"name": "feature-extraction"}),
-    ("cuda", 1_500_000_000, 5000, 28, False, {"name": "lora"}),
-    ("cpu", 500_000_000, 5000, 24, False, {"name": "lora"}),
+@pytest.mark.parametrize("device, params, rows, smallest, blocks, guards, expected", [
+    ("cpu", 22_000_000, 90, 45, 6, False, {"name": "feature-extraction"}),
+    ("cpu", 22_000_000, 999, 19, 6, False, {"name": "feature-extraction"}),  # the rarest class decides
+    ("cpu", 22_000_000, 300, 150, 6, False, {"name": "full"}),
+    ("cpu", 22_000_000, 4000, None, 6, False, {"name": "full"}),
+    ("cpu", 110_000_000, 4000, 2000, 12, False, {"name": "freeze", "train_last_n": 4, "layer_decay": 0.8}),
+    ("cpu", 22_000_000, 60, 10, 6, True, {"name": "full"}),
+    ("cuda", 22_000_000, 500, 20, 6, False, {"name": "full", "layer_decay": 0.9}),
+    ("cuda", 110_000_000, 200, 5, 12, False, {"name": "feature-extraction"}),
+    ("cuda", 1_500_000_000, 5000, 3, 28, False, {"name": "lora"}),
+    ("cpu", 500_000_000, 5000, None, 24, False, {"name": "lora"}),
 ])
-def test_auto_picks_as_documented(device, params, rows, blocks, guards, expected):
+def test_auto_picks_as_documented(device, params, rows, smallest, blocks, guards, expected):
     from tunesmith.strategies.auto import decide
 
-    settings, reason = decide(device, params, rows, blocks, guards)
+    settings, reason = decide(device, params, rows, blocks, guards, smallest)
     assert settings == expected
     assert reason and "\n" not in reason
+    if expected["name"] == "feature-extraction":
+        assert (f"{rows} training rows" if rows < 100 else f"smallest class has {smallest} training rows") in reason
 
 
 def test_auto_run_records_its_choice(make_config):
@@ -363,7 +366,24 @@ def test_auto_run_records_its_choice(make_config):
     res = tunesmith.train(make_config(strategy={"name": "auto"}, optim={"lr": None}), quiet=True)
     saved = yaml.safe_load((res.run_dir / "config.yaml").read_text())["strategy"]
     assert saved["name"] == "feature-extraction" == res.eval["strategy"]
-    assert "96 training rows" in saved["reason"]
+    assert "96 training rows" in saved["reason"]  # the tiny data set: < 100 rows
+
+
+def test_auto_reads_the_class_balance(make_config, tmp_path):
+    """195 training rows, but 15 of the rarer class: feature-extraction, and why."""
+    import yaml
+
+    from conftest import make_texts, write_csv
+
+    rows = make_texts(1000, seed=11)
+    pos, neg = [r for r in rows if r[1] == "pos"], [r for r in rows if r[1] == "neg"]
+    write_csv(tmp_path / "train.csv", pos[:180] + neg[:15])
+    write_csv(tmp_path / "test.csv", pos[180:270] + neg[20:30])
+    data = {s: str(tmp_path / f"{s}.csv") for s in ("train", "test")}  # the fixture's validation file stays
+    res = tunesmith.train(make_config(strategy={"name": "auto"}, data=data, optim={"lr": None}), quiet=True)
+    saved = yaml.safe_load((res.run_dir / "config.yaml").read_text())["strategy"]
+    assert res.eval["data"]["train"]["rows"] == 195
+    assert saved["name"] == "feature-extraction" and "smallest class has 15 training rows (< 20)" in saved["reason"]
 
 
 # -- lr-find ---------------------------------------------------------------------------------------

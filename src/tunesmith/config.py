@@ -65,7 +65,8 @@ class StrategyConfig(_Section):
     lp_ft: bool = Field(
         True, description="Classifiers with full, freeze, gradual-unfreeze or lora: fit the new head on cached frozen features first, "
         "then train as the strategy says (LP-FT, Kumar et al. 2022: a random head distorts the features it is trained with); "
-        "the fine-tuned stage is kept only if it beats the probe stage on validation."
+        "the fine-tuned stage is kept only if it beats the probe stage on validation, and the logistic regression fitted on the probe "
+        "stage's features is kept instead where it beats both."
     )
 
     @field_validator("name")

@@ -166,6 +166,8 @@ class Recipe:
         self.t0: float | None = None  # start of the timed segment of training in progress
         # (best validation value, its step, the weights) of the stage before this one, to keep if it was better
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
+        # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
+        self.fallback: tuple[float, Any] | None = None
         self.opened = False
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -195,7 +197,8 @@ class Recipe:
                 if len(stages) > 1:
                     self.console.print(f"stage {i + 1}/{len(stages)}: {stage.role or stage.strategy.name}")
                 self.begin_stage(stage)
-                if i < resume_stage:  # resuming a later stage: this one's structure (a LoRA wrap) is enough
+                if i < resume_stage:  # resuming a later stage: this one's structure (a LoRA wrap) is enough,
+                    self.validate_start(skipped=True)  # and the fit it keeps aside as a fallback
                     continue
                 if not self.opened:
                     self.open_run_dir()
@@ -205,6 +208,7 @@ class Recipe:
                 self.fit()
                 self.restore_best()
                 self.keep_better_stage()
+        self.keep_fallback()
         self.final_evaluation()
         self.save()
         return RunResult(self.out, self.cfg, self.ev, self.whole_model())
@@ -268,7 +272,8 @@ class Recipe:
             console.print(f"head: new {len(self.data.labels)}-way head ({', '.join(head)})" + (
                 f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else ""))
         self.parts = ModelParts(model, head)
-        chosen = STRATEGIES.get(cfg.strategy.name).choose(cfg.strategy, self.parts, len(self.data.train), self.device)
+        chosen = STRATEGIES.get(cfg.strategy.name).choose(cfg.strategy, self.parts, len(self.data.train), self.device,
+                                                          smallest_class(self.data.train.labels, self.data.labels, self.data.multi_label))
         if chosen is not cfg.strategy:  # `auto`: decided now that the model and the data are known
             console.print(f"strategy: {cfg.strategy.name} -> {chosen.name}: {chosen.reason}")
             cfg.strategy = chosen
@@ -453,6 +458,7 @@ class Recipe:
         set_train_mode(self.train_model)
         peak_rss_reset()
         self.events.fit_start(self, self.stage)
+        self.validate_start()
         if self.rng_to_restore is not None:
             checkpoint.set_rng_state(*self.rng_to_restore)
             self.rng_to_restore = None
@@ -616,6 +622,23 @@ class Recipe:
             record["l2sp_distance"] = self.anchor.distance()
         self.events.log(self, record)
 
+    def validate_start(self, skipped: bool = False) -> None:
+        """A stage whose model can start somewhere worth keeping (a head fitted by logistic regression) starts
+        there and is validated before its first step: training must beat that start to replace it. A fit kept
+        aside instead (LP-FT's probe stage) becomes the run's fallback, also when a resumed run skips the stage.
+        Not on resuming this stage (the checkpoint holds the weights and the best so far)."""
+        resumed_here = self.resume_from is not None and self.saved.get("stage", 0) == self.state.stage
+        if self.view.start is None or (resumed_here and not skipped):
+            return
+        chosen = self.view.start()
+        if chosen is None:
+            return
+        self.ev.setdefault("features", {})["probe_start"] = chosen
+        if not chosen["installed"]:
+            self.fallback = (chosen[self.cfg.train.metric], self.stage.strategy.fitted_head)
+        elif not skipped:
+            self.validate()
+
     def validate(self) -> None:
         """Evaluate on validation; keep a copy of the best weights."""
         s, metric = self.state, self.cfg.train.metric
@@ -728,6 +751,31 @@ class Recipe:
         self.console.print(f"kept the previous stage: its validation {metric} {best:.4f} beats this stage's {s.best_metric:.4f}")
         self.ev["kept_stage"] = {"stage": s.stage - 1, metric: best, "instead_of": s.best_metric}
         s.best_metric, s.best_step = best, step
+
+    def keep_fallback(self) -> None:
+        """LP-FT: when the fine-tuned model ends below the logistic regression fitted on the probe stage's features
+        (on validation), the model becomes that regression: the weights as the fine-tuning stage began, its head set
+        to the fit. So a run never ends below the linear probe it could have kept."""
+        s, metric = self.state, self.cfg.train.metric
+        start = self.previous[2]
+        if self.fallback is None or start is None or s.best_metric is None:
+            return
+        score, (weight, bias) = self.fallback
+        if not self.task.better(metric, score, s.best_metric) or score == s.best_metric:
+            return
+        head = [p for g in self.groups if g.name == "head" for _, p in g.params]
+        if sorted(tuple(p.shape) for p in head) != sorted([tuple(weight.shape), tuple(bias.shape)]):
+            return  # a head that is not one linear layer (the fit does not fit it)
+        with torch.no_grad():
+            for n, t in self.state_tensors().items():
+                if n in start:
+                    t.copy_(start[n].to(t.device))
+            for p in head:
+                p.copy_((weight if p.ndim == 2 else bias).to(p))
+        self.console.print(f"kept the logistic regression on the probe stage's features: its validation {metric} {score:.4f} "
+                           f"beats fine-tuning's {s.best_metric:.4f}")
+        self.ev["kept_stage"] = {"stage": "logistic regression", metric: score, "instead_of": s.best_metric}
+        s.best_metric = score
 
     def whole_model(self) -> nn.Module:
         """The model with its head (under feature extraction the loop trained the head alone)."""
@@ -844,3 +892,15 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None,
     if lr_find_only is not None:
         return recipe.find_lr(lr_find_only)
     return recipe.run()
+
+
+def smallest_class(rows: Any, labels: list[str] | None, multi_label: bool) -> int | None:
+    """Training rows of the rarest label among the rows (a multi-label row counts for each of its labels);
+    None without labels. `rows` may be a list of names or a tensor (a plugin task's)."""
+    if not labels or rows is None or len(rows) == 0:
+        return None
+    from collections import Counter
+
+    rows = rows.tolist() if hasattr(rows, "tolist") else rows
+    counts = Counter(l for r in rows for l in (r if multi_label and isinstance(r, (list, tuple)) else [r]))
+    return min(counts.values())

@@ -67,31 +67,44 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: list[s
     return out
 
 
-def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, evaluate_on: list[tuple[np.ndarray, np.ndarray]],
-    names: list[str], multi_label: bool, seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Logistic regression on frozen features: what the pre-trained representation gives for free.
-    Fitted once on the training features; metrics on each (features, labels) set of `evaluate_on`."""
+ABSENT_LOGIT = -1e4  # a class with no training rows: never predicted (finite, so a head trained on from here stays finite)
+
+
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, n_labels: int, multi_label: bool, seed: int = 0, c: float = 1.0,
+              balanced: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logistic regression (scikit-learn, lbfgs) on standardized features, returned as the weight (K, D) and
+    bias (K,) of one linear layer on the raw features: the standardization folded in, a binary model's one
+    score split as (-s/2, s/2) (softmax of that is the model's sigmoid), classes without rows at ABSENT_LOGIT."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
     tx = scaler.transform(train_x)
-    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-    present = np.unique(train_y)
-    clf = OneVsRestClassifier(clf).fit(tx, train_y.astype(int)) if multi_label else clf.fit(tx, train_y)
-    out = []
-    for x, y in evaluate_on:
-        vx = scaler.transform(x)
-        if multi_label:
-            logits = clf.decision_function(vx)
-        else:
-            scores = clf.decision_function(vx)
-            if scores.ndim == 1:  # binary: sklearn returns one score for the positive class
-                scores = np.stack([-scores / 2, scores / 2], axis=1)
-            logits = np.full((len(vx), len(names)), -1e9)
-            logits[:, present] = scores
-        out.append(classification_metrics(np.asarray(logits), y, names, multi_label))
-    return out
+    clf = LogisticRegression(max_iter=2000, C=c, random_state=seed, class_weight="balanced" if balanced else None)
+    if multi_label:
+        ovr = OneVsRestClassifier(clf).fit(tx, train_y.astype(int))
+        coef = np.concatenate([e.coef_ for e in ovr.estimators_])
+        intercept = np.concatenate([e.intercept_ for e in ovr.estimators_])
+    else:
+        clf.fit(tx, train_y)
+        present = clf.classes_.astype(int)
+        coef, intercept = clf.coef_, clf.intercept_
+        if coef.shape[0] == 1:  # binary: one score for the second class
+            coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        full_w, full_b = np.zeros((n_labels, tx.shape[1])), np.full(n_labels, ABSENT_LOGIT)
+        full_w[present], full_b[present] = coef, intercept
+        coef, intercept = full_w, full_b
+    weight = coef / scaler.scale_
+    bias = intercept - weight @ scaler.mean_
+    return weight, bias
+
+
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, evaluate_on: list[tuple[np.ndarray, np.ndarray]],
+    names: list[str], multi_label: bool, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Logistic regression on frozen features: what the pre-trained representation gives for free.
+    Fitted once on the training features; metrics on each (features, labels) set of `evaluate_on`."""
+    weight, bias = fit_probe(train_x, train_y, len(names), multi_label, seed)
+    return [classification_metrics(np.asarray(x, dtype=np.float64) @ weight.T + bias, y, names, multi_label) for x, y in evaluate_on]

@@ -19,7 +19,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -92,6 +92,9 @@ class TrainingView:
     model: nn.Module
     enc: dict[str, Any]
     info: dict[str, Any] | None = None
+    # sets the model to a start worth keeping (a head fitted by logistic regression) and returns what it
+    # chose, or None: called once the baselines are measured, and the start is validated before step 1
+    start: Callable[[], dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -126,8 +129,9 @@ class BaseStrategy:
         self.config = config
 
     @classmethod
-    def choose(cls, config: Any, parts: "ModelParts", n_train: int, device: torch.device) -> Any:
-        """The strategy config to train with, once model and data are known; `auto` decides here."""
+    def choose(cls, config: Any, parts: "ModelParts", n_train: int, device: torch.device, smallest_class: int | None = None) -> Any:
+        """The strategy config to train with, once model and data are known (`smallest_class`: the training
+        rows of a classifier's rarest class); `auto` decides here."""
         return config
 
     @classmethod
@@ -144,7 +148,10 @@ class BaseStrategy:
         probe = STRATEGIES.get("feature-extraction")
         # pooling "head": the head's own input, which the next stage's forward feeds it too
         options = type(self.config).model_validate({"name": "feature-extraction", "pooling": "head"})
-        return [Stage(probe(options), lr=probe.default_lr, role="linear probe"), Stage(self, role="fine-tune")]
+        first = probe(options)
+        first.probe_role = "fallback"  # a head fitted by logistic regression is not where fine-tuning starts (measured:
+        # on standardized features its weights are large enough to make the first steps diverge); it is kept aside
+        return [Stage(first, lr=probe.default_lr, role="linear probe"), Stage(self, role="fine-tune")]
 
     def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
         """What the loop trains on; by default the task, the model and the data as they are."""

@@ -155,6 +155,10 @@ class FeatureExtractionOptions(StrategyOptions):
     cache_dir: str | None = Field(
         None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
     )
+    probe_start: bool = Field(
+        True, description="feature-extraction (and LP-FT's first stage): a linear head starts as the logistic regression best on "
+        "validation (the linear probe among the candidates) and is validated before the first step: training keeps it unless it does better."
+    )
 
 
 class FeatureExtraction(BaseStrategy):
@@ -169,6 +173,10 @@ class FeatureExtraction(BaseStrategy):
 
     def __init__(self, config: Any = None):
         super().__init__(config)
+        # "start": the head starts as the logistic-regression fit; "fallback" (LP-FT's probe stage): the fit is
+        # kept aside in `fitted_head`, for the loop to fall back on if fine-tuning ends below it on validation
+        self.probe_role = "start"
+        self.fitted_head: tuple[torch.Tensor, torch.Tensor] | None = None
         self.use_cache = True  # False after a stage that changed the backbone (contrastive): features computed afresh
         # A linear head on fixed features is logistic regression: it wants a larger step than a head
         # trained through a backbone (MiniLM, 1,000 rows, 3 epochs: accuracy 0.664 at 1e-3, 0.741 at
@@ -292,4 +300,30 @@ class FeatureExtraction(BaseStrategy):
         info["dim"] = int(next(iter(out.values())).features.shape[-1])
         info["pooling"] = self.pooling
         head = model.get_submodule(self.head_name)
-        return TrainingView(on_features(task), FeatureHead(head, bool(self.first_token)), out, info)
+        return TrainingView(on_features(task), FeatureHead(head, bool(self.first_token)), out, info,
+                            start=lambda: self._probe_start(task, head, out, rt))
+
+    @torch.no_grad()
+    def _probe_start(self, task: Any, head: nn.Module, feats: dict[str, Features], rt: Any) -> dict[str, Any] | None:
+        """A linear head set to the task's logistic-regression fit on the cached features (what it chose), or None."""
+        fit = getattr(task, "probe_head", None)
+        if not (self.config.probe_start and fit is not None and isinstance(head, nn.Linear) and head.bias is not None
+                and not self.first_token and "validation" in feats):
+            return None
+        t0 = time.perf_counter()
+        fitted = fit(feats["train"], feats["validation"], rt.seed)
+        if fitted is None:
+            return None
+        weight, bias, chosen = fitted
+        chosen["seconds"] = round(time.perf_counter() - t0, 2)
+        chosen["installed"] = self.probe_role == "start"
+        what = (f"logistic regression (C {chosen['C']:g}{', balanced' if chosen['class_weight'] else ''}) on {chosen['rows']} rows, "
+                f"fitted in {chosen['seconds']:.1f} s")
+        if chosen["installed"]:
+            head.weight.copy_(weight.to(head.weight))
+            head.bias.copy_(bias.to(head.bias))
+            rt.print(f"head: starts as {what}")
+        else:
+            self.fitted_head = (weight, bias)
+            rt.print(f"head: {what}, kept aside in case fine-tuning ends below it on validation")
+        return chosen

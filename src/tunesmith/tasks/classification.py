@@ -17,6 +17,8 @@ from torch import nn
 from tunesmith.tasks.base import Accumulator, Runtime, Task
 
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
+PROBE_START_MAX_ROWS = 20000  # the head's logistic-regression start fits on at most this many training rows
+PROBE_START_C = (1.0, 0.1, 0.01)  # inverse regularization strengths tried for it (1.0 first: the linear probe's own)
 WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
 
 
@@ -86,6 +88,33 @@ class ClassificationTask(Task):
         m["train_rows"] = len(sub)
         m["validation"] = _scalars(m_val)
         return m
+
+    def probe_head(self, train: Any, validation: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+        """A linear head's start on frozen features (`.features`, `.labels`): logistic regression for each
+        C in PROBE_START_C (and with balanced class weights too where the loss is weighted), the one best
+        on validation by train.metric, as (weight, bias, what was chosen). This is LP-FT's probe stage as
+        Kumar et al. (ICLR 2022) fit it, and the linear-probe baseline among the candidates."""
+        from tunesmith.metrics import fit_probe
+
+        if train.labels is None or validation.labels is None or len(validation) == 0 or len(train) < 2:
+            return None
+        x, y = train.features.numpy(), train.labels.numpy()
+        if len(x) > PROBE_START_MAX_ROWS:
+            keep = np.sort(np.random.default_rng(seed).choice(len(x), PROBE_START_MAX_ROWS, replace=False))
+            x, y = x[keep], y[keep]
+        if not self.multi_label and len(np.unique(y)) < 2:
+            return None
+        metric, vx, vy = self.config.train.metric, validation.features.numpy().astype(np.float64), validation.labels
+        best: tuple[Any, ...] | None = None
+        for balanced in (False, True) if self.class_weight is not None else (False,):
+            for c in PROBE_START_C:
+                w, b = fit_probe(x, y, len(self.labels), self.multi_label, seed, c, balanced)
+                score = self.metrics(vx @ w.T + b, vy)[metric]
+                if best is None or self.better(metric, score, best[0]):
+                    best = (score, w, b, c, balanced)
+        score, w, b, c, balanced = best
+        info = {"C": c, "class_weight": "balanced" if balanced else None, "rows": len(x), metric: score}
+        return torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), info
 
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
         test = enc["test"]
