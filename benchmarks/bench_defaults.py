@@ -172,7 +172,8 @@ def run_seeds(proxy: str, cfg: dict, strategy: str, overrides: list[str], seeds:
 def run_one(proxy: str, base: dict, strategy: str, old: bool, out: Path, overrides: list[str], seeds: int = 1) -> dict:
     import tunesmith
 
-    cfg = merge(base, {"strategy": {"name": strategy}, "output_dir": str(out), "overwrite": True})
+    own = {"freeze": {"train_last_n": 2}}.get(strategy, {})  # freeze needs to be told how many blocks train
+    cfg = merge(base, {"strategy": {"name": strategy, **own}, "output_dir": str(out), "overwrite": True})
     if old:  # no step floor, no class weights, the head at the strategy's (backbone's) rate
         from tunesmith.registry import STRATEGIES
 

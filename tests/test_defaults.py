@@ -69,6 +69,9 @@ def test_the_guard_says_when_fine_tuning_ends_below_the_linear_probe(make_config
     assert guard["tuned"] < guard["baselines"]["linear_probe"] == ev["baseline_validation"]["linear_probe"]["macro_f1"]
     out = capsys.readouterr().out
     assert "warning: the fine-tuned model is worse on validation than the linear probe: macro_f1" in out
+    n = ev["data"]["validation"]["rows"]
+    assert guard["validation_rows"] == n and f"on {n} validation rows" in guard["message"]
+    assert n < 50 and "give data.validation more rows" in guard["message"]  # the tiny fixture: too few to judge
     good = tunesmith.train(make_config(optim={"epochs": 10}, eval={"linear_probe": True}, overwrite=True), quiet=True).eval
     assert not good["guard"]["worse"] and good["guard"]["message"] == "", good["guard"]
 

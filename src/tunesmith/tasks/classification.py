@@ -19,7 +19,8 @@ from tunesmith.tasks.base import Accumulator, Runtime, Task
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
 PROBE_START_MAX_ROWS = 20000  # the head's logistic-regression start fits on at most this many training rows
 PROBE_START_C = (1.0, 0.1, 0.01)  # inverse regularization strengths tried for it (1.0 first: the linear probe's own)
-WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
+WEIGH_FROM = 3.0
+GUARD_FEW_ROWS = 50  # the guard's advice: below this many validation rows, a comparison is mostly noise  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
 
 
 class ClassificationTask(Task):
@@ -124,7 +125,7 @@ class ClassificationTask(Task):
         out: dict[str, Any] = {"after": acc.compute()}
         if not self.multi_label and test.labels is not None:
             out["mistakes"] = self.mistakes(acc.rows, test.labels.numpy())
-        guard = self.guard(ev)
+        guard = self.guard(ev, len(enc["validation"]))
         if guard is not None:
             out["guard"] = guard
             if guard["worse"]:
@@ -145,7 +146,7 @@ class ClassificationTask(Task):
         """Row `i` of the test set as a report shows it: `where`, and `text` or `image` (a path)."""
         return {"where": f"test row {i + 1}"}
 
-    def guard(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+    def guard(self, ev: dict[str, Any], n_validation: int | None = None) -> dict[str, Any] | None:
         """Is the fine-tuned model (its best validation score) worse than the better of the starting model and
         the linear probe, on validation? The choice is made on validation, never on the test set."""
         metric, tuned = self.config.train.metric, (ev.get("validation_best") or {})
@@ -155,12 +156,18 @@ class ClassificationTask(Task):
         best_name = max(baselines, key=lambda k: baselines[k]) if self.metrics_better[metric] == "max" else min(baselines, key=baselines.get)
         best = baselines[best_name]
         worse = self.better(metric, best, tuned[metric]) and best != tuned[metric]
-        shown = {"before": "the starting model", "linear_probe": "the linear probe"}[best_name]
+        shown = {"before": "the starting model (its new, random head)", "linear_probe": "the linear probe"}[best_name]
+        rows = f" on {n_validation} validation rows" if n_validation else ""
+        if n_validation is not None and n_validation < GUARD_FEW_ROWS:
+            advice = f"with under {GUARD_FEW_ROWS} validation rows one or two predictions decide this: give data.validation more rows"
+        else:
+            tips = [] if self.config.strategy.name == "feature-extraction" else [
+                "strategy feature-extraction (it trains the head on the same frozen features)"]
+            advice = "try " + ", ".join(tips + ["more steps (optim.min_steps)", "another learning rate (tunesmith lr-find)"])
         message = (f"the fine-tuned model is worse on validation than {shown}: {metric} {tuned[metric]:.4f} against "
-                   f"{best:.4f}; try strategy feature-extraction (it trains the head on the same frozen features), "
-                   "more steps (optim.min_steps) or another learning rate (tunesmith lr-find)") if worse else ""
+                   f"{best:.4f}{rows}; {advice}") if worse else ""
         return {"metric": metric, "tuned": tuned[metric], "baselines": baselines, "best_baseline": best_name,
-                "worse": worse, "message": message}
+                "worse": worse, "validation_rows": n_validation, "message": message}
 
     def summary(self, ev: dict[str, Any]) -> list[Any]:
         from tunesmith.report import per_class_table
