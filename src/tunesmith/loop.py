@@ -273,7 +273,7 @@ class Recipe:
                 f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else ""))
         self.parts = ModelParts(model, head)
         chosen = STRATEGIES.get(cfg.strategy.name).choose(cfg.strategy, self.parts, len(self.data.train), self.device,
-                                                          smallest_class(self.data.train.labels, self.data.labels, self.data.multi_label))
+                                                          self.task.smallest_class(self.data.train))
         if chosen is not cfg.strategy:  # `auto`: decided now that the model and the data are known
             console.print(f"strategy: {cfg.strategy.name} -> {chosen.name}: {chosen.reason}")
             cfg.strategy = chosen
@@ -458,12 +458,14 @@ class Recipe:
         set_train_mode(self.train_model)
         peak_rss_reset()
         self.events.fit_start(self, self.stage)
-        self.validate_start()
+        fitted = self.validate_start()  # a head fitted in closed form is the stage's result: no steps follow
         if self.rng_to_restore is not None:
             checkpoint.set_rng_state(*self.rng_to_restore)
             self.rng_to_restore = None
         start_epoch, start_window = s.epoch, s.window
-        for epoch in range(start_epoch, self.epochs + 1):
+        if fitted:
+            self.last_epoch = 0
+        for epoch in range(start_epoch, 0 if fitted else self.epochs + 1):
             s.epoch = self.last_epoch = epoch
             self.train_epoch(epoch, start_window if epoch == start_epoch else 0)
             if s.stop:
@@ -622,22 +624,24 @@ class Recipe:
             record["l2sp_distance"] = self.anchor.distance()
         self.events.log(self, record)
 
-    def validate_start(self, skipped: bool = False) -> None:
-        """A stage whose model can start somewhere worth keeping (a head fitted by logistic regression) starts
-        there and is validated before its first step: training must beat that start to replace it. A fit kept
-        aside instead (LP-FT's probe stage) becomes the run's fallback, also when a resumed run skips the stage.
-        Not on resuming this stage (the checkpoint holds the weights and the best so far)."""
+    def validate_start(self, skipped: bool = False) -> bool:
+        """A stage whose head can be fitted in closed form (logistic regression on cached features) takes that fit
+        as its result, validated: True, and no gradient steps follow. A fit kept aside instead (LP-FT's probe
+        stage, whose own trained head is where fine-tuning starts) becomes the run's fallback, also when a
+        resumed run skips the stage. Not on resuming this stage (the checkpoint holds the weights)."""
         resumed_here = self.resume_from is not None and self.saved.get("stage", 0) == self.state.stage
         if self.view.start is None or (resumed_here and not skipped):
-            return
+            return False
         chosen = self.view.start()
         if chosen is None:
-            return
+            return False
         self.ev.setdefault("features", {})["probe_start"] = chosen
         if not chosen["installed"]:
             self.fallback = (chosen[self.cfg.train.metric], self.stage.strategy.fitted_head)
-        elif not skipped:
+            return False
+        if not skipped:
             self.validate()
+        return True
 
     def validate(self) -> None:
         """Evaluate on validation; keep a copy of the best weights."""
@@ -893,14 +897,3 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None,
         return recipe.find_lr(lr_find_only)
     return recipe.run()
 
-
-def smallest_class(rows: Any, labels: list[str] | None, multi_label: bool) -> int | None:
-    """Training rows of the rarest label among the rows (a multi-label row counts for each of its labels);
-    None without labels. `rows` may be a list of names or a tensor (a plugin task's)."""
-    if not labels or rows is None or len(rows) == 0:
-        return None
-    from collections import Counter
-
-    rows = rows.tolist() if hasattr(rows, "tolist") else rows
-    counts = Counter(l for r in rows for l in (r if multi_label and isinstance(r, (list, tuple)) else [r]))
-    return min(counts.values())

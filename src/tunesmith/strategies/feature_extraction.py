@@ -156,8 +156,9 @@ class FeatureExtractionOptions(StrategyOptions):
         None, description="feature-extraction: where cached features live; default $TUNESMITH_CACHE or ~/.cache/tunesmith."
     )
     probe_start: bool = Field(
-        True, description="feature-extraction (and LP-FT's first stage): a linear head starts as the logistic regression best on "
-        "validation (the linear probe among the candidates) and is validated before the first step: training keeps it unless it does better."
+        True, description="feature-extraction: a linear head is the logistic regression best on validation (the linear probe among the "
+        "candidates), fitted in closed form; no gradient steps follow. false: the head trains from a random start at optim.lr. "
+        "(LP-FT's probe stage keeps the fit aside as the run's fallback.)"
     )
 
 
@@ -322,7 +323,7 @@ class FeatureExtraction(BaseStrategy):
         if chosen["installed"]:
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
-            rt.print(f"head: starts as {what}")
+            rt.print(f"head: {what}; the stage's result, no gradient steps (strategy.probe_start=false: train from a random start)")
         else:
             self.fitted_head = (weight, bias)
             rt.print(f"head: {what}, kept aside in case fine-tuning ends below it on validation")

@@ -234,6 +234,10 @@ class Task:
         acc.merge(rt.gather)
         return acc.compute(), acc.features
 
+    def smallest_class(self, train: Any) -> int | None:
+        """Training rows of the rarest class (`auto` reads it); None for tasks without classes."""
+        return None
+
     def baseline(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> dict[str, Any]:
         """eval.json entries before training: `before` (the starting model on test) and the task's extras."""
         return {"before": self.evaluate(model, enc["test"], rt)[0]}

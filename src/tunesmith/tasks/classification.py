@@ -48,6 +48,11 @@ class ClassificationTask(Task):
                                   + ", ".join(f"{l} {w:.2f}" for l, w in zip(self.labels[:8], self.class_weight.tolist()))
                                   + (" ..." if len(self.labels) > 8 else ""))
 
+    def smallest_class(self, train: Any) -> int | None:
+        """Training rows of the rarest class that has any (a multi-label row counts for each of its labels)."""
+        rows = [l for r in train.labels for l in (r if self.multi_label else [r])]
+        return min(Counter(rows).values()) if rows else None
+
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, **kw: Any) -> torch.Tensor:
         weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
         return nn.functional.cross_entropy(logits.float(), labels, weight=weight, **kw)
