@@ -896,4 +896,3 @@ def run(cfg: Config, quiet: bool = False, lr_find_only: Path | None = None,
     if lr_find_only is not None:
         return recipe.find_lr(lr_find_only)
     return recipe.run()
-

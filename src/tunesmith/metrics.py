@@ -67,7 +67,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: list[s
     return out
 
 
-ABSENT_LOGIT = -1e4  # a class with no training rows: never predicted (finite, so a head trained on from here stays finite)
+ABSENT_LOGIT = -1e4  # a class with no training rows: never predicted (finite, so it is representable in a bf16 head too)
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, n_labels: int, multi_label: bool, seed: int = 0, c: float = 1.0,

@@ -5,7 +5,7 @@ The rules, first match wins (the thresholds are the constants below):
 | when | strategy | why |
 |---|---|---|
 | model >= 350M parameters | lora | full fine-tuning needs ~4x the weights' memory for AdamW; adapters train <1% |
-| the smallest class has fewer than 20 training rows, or fewer than 100 rows in all | feature-extraction | fewer than 2 of that class reach the validation split: too few to tell whether moving the backbone helped; the head starts as the best logistic regression and trains in seconds |
+| the smallest class has fewer than 20 training rows, or fewer than 100 rows in all | feature-extraction | fewer than 2 of that class reach the validation split: too few to tell whether moving the backbone helped; the head is the best logistic regression, fitted in seconds |
 | CPU, model <= 50M parameters | full | a small model trains fully on a CPU (layer_decay 0.8 measured 0.4-1.2 points lower on Rotten Tomatoes at 1,000 rows) |
 | CPU, larger model | freeze, last third of the blocks, layer_decay 0.8 | a CPU cannot afford backward through the whole model |
 | GPU | full, layer_decay 0.9 | the usual best accuracy when compute is not the limit |
@@ -51,7 +51,7 @@ def decide(device_type: str, n_params: int, n_train: int, n_blocks: int | None, 
             f"the smallest class has {smallest_class} training rows (< {FEW_PER_CLASS})")
         return {"name": "feature-extraction"}, (
             f"{what}: too few to tell on validation whether moving the backbone helps; "
-            "the head starts as the best logistic regression on cached features"
+            "the head is the best logistic regression on cached features"
         )
     if gpu:
         return {"name": "full", "layer_decay": 0.9}, f"GPU, {n_train} rows, {m}: full fine-tuning, lower layers at smaller rates"

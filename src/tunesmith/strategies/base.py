@@ -92,8 +92,8 @@ class TrainingView:
     model: nn.Module
     enc: dict[str, Any]
     info: dict[str, Any] | None = None
-    # sets the model to a start worth keeping (a head fitted by logistic regression) and returns what it
-    # chose, or None: called once the baselines are measured, and the start is validated before step 1
+    # a head fitted in closed form (logistic regression): set on the model as the stage's result, or kept aside
+    # as the run's fallback; returns what it chose, or None. Called once the baselines are measured
     start: Callable[[], dict[str, Any] | None] | None = None
 
 

@@ -174,7 +174,7 @@ class FeatureExtraction(BaseStrategy):
 
     def __init__(self, config: Any = None):
         super().__init__(config)
-        # "start": the head starts as the logistic-regression fit; "fallback" (LP-FT's probe stage): the fit is
+        # "start": the head is the logistic-regression fit; "fallback" (LP-FT's probe stage): the fit is
         # kept aside in `fitted_head`, for the loop to fall back on if fine-tuning ends below it on validation
         self.probe_role = "start"
         self.fitted_head: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -306,13 +306,13 @@ class FeatureExtraction(BaseStrategy):
 
     @torch.no_grad()
     def _probe_start(self, task: Any, head: nn.Module, feats: dict[str, Features], rt: Any) -> dict[str, Any] | None:
-        """A linear head set to the task's logistic-regression fit on the cached features (what it chose), or None."""
-        fit = getattr(task, "probe_head", None)
-        if not (self.config.probe_start and fit is not None and isinstance(head, nn.Linear) and head.bias is not None
+        """The task's logistic-regression fit on the cached features: set as the head ("start") or kept aside in
+        `fitted_head` ("fallback"); what it chose, or None where there is no fit."""
+        if not (self.config.probe_start and isinstance(head, nn.Linear) and head.bias is not None
                 and not self.first_token and "validation" in feats):
             return None
         t0 = time.perf_counter()
-        fitted = fit(feats["train"], feats["validation"], rt.seed)
+        fitted = task.probe_head(feats["train"], feats["validation"], rt.seed)
         if fitted is None:
             return None
         weight, bias, chosen = fitted

@@ -238,6 +238,11 @@ class Task:
         """Training rows of the rarest class (`auto` reads it); None for tasks without classes."""
         return None
 
+    def probe_head(self, train: Any, validation: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+        """A linear head fitted in closed form on frozen features (weight, bias, what was chosen); None where the
+        task has none (feature-extraction then trains the head by gradient steps)."""
+        return None
+
     def baseline(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> dict[str, Any]:
         """eval.json entries before training: `before` (the starting model on test) and the task's extras."""
         return {"before": self.evaluate(model, enc["test"], rt)[0]}

@@ -17,10 +17,10 @@ from torch import nn
 from tunesmith.tasks.base import Accumulator, Runtime, Task
 
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
-PROBE_START_MAX_ROWS = 20000  # the head's logistic-regression start fits on at most this many training rows
+PROBE_START_MAX_ROWS = 20000  # the logistic-regression head fits on at most this many training rows
 PROBE_START_C = (1.0, 0.1, 0.01)  # inverse regularization strengths tried for it (1.0 first: the linear probe's own)
-WEIGH_FROM = 3.0
-GUARD_FEW_ROWS = 50  # the guard's advice: below this many validation rows, a comparison is mostly noise  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
+WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
+GUARD_FEW_ROWS = 50  # the guard's advice: below this many validation rows, a comparison is mostly noise
 
 
 class ClassificationTask(Task):
@@ -96,7 +96,7 @@ class ClassificationTask(Task):
         return m
 
     def probe_head(self, train: Any, validation: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
-        """A linear head's start on frozen features (`.features`, `.labels`): logistic regression for each
+        """A linear head fitted on frozen features (`.features`, `.labels`): logistic regression for each
         C in PROBE_START_C (and with balanced class weights too where the loss is weighted), the one best
         on validation by train.metric, as (weight, bias, what was chosen). This is LP-FT's probe stage as
         Kumar et al. (ICLR 2022) fit it, and the linear-probe baseline among the candidates."""
@@ -167,7 +167,7 @@ class ClassificationTask(Task):
             advice = f"with under {GUARD_FEW_ROWS} validation rows one or two predictions decide this: give data.validation more rows"
         else:
             tips = [] if self.config.strategy.name == "feature-extraction" else [
-                "strategy feature-extraction (it trains the head on the same frozen features)"]
+                "strategy feature-extraction (its head is the linear probe's logistic regression)"]
             advice = "try " + ", ".join(tips + ["more steps (optim.min_steps)", "another learning rate (tunesmith lr-find)"])
         message = (f"the fine-tuned model is worse on validation than {shown}: {metric} {tuned[metric]:.4f} against "
                    f"{best:.4f}{rows}; {advice}") if worse else ""
