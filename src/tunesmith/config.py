@@ -166,9 +166,11 @@ class OptimConfig(_Section):
         return self.lr if isinstance(self.lr, float) else None
 
     batch_size: int = Field(32, gt=0, description="Global batch size (all processes together, before accumulation).")
-    epochs: int = Field(3, gt=0, description="Passes over the training data (raised on small data to reach optim.min_steps).")
+    epochs: int | None = Field(
+        None, gt=0, description="Passes over the training data (raised on small data to reach optim.min_steps); null: the task's "
+        "default (text-classification 1, measured in docs/strategies.md; image-classification and causal-lm 3).")
     min_steps: int = Field(
-        150, ge=0, description="Train at least this many optimizer steps: on small data the epochs are raised to reach it (few-sample "
+        150, ge=0, description="Train at least this many optimizer steps: on small data the steps are raised to it, the last epoch partial (few-sample "
         "fine-tuning fails from too few updates: Mosbach et al. 2021, Zhang et al. 2021); the best validation weights are kept. 0 = off."
     )
     head_lr: float | None = Field(
@@ -226,6 +228,11 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass instead of storing them: less memory, about a third slower."
+    )
+    fast_cpu_ops: bool = Field(
+        True, description="On a CPU: dropout masks from 16-bit lanes of 64-bit draws, a float32-softmax attention path when "
+        "attention dropout is on, and one kept embedding-gradient buffer (tunesmith.models.fastops): the same mathematics, "
+        "a faster step. false = the plain modules."
     )
     class_weights: Literal["auto", "balanced", "none"] = Field(
         "auto", description="Single-label classifiers: 'balanced' weighs each class's loss by n_rows / (n_classes * class_rows) "

@@ -47,6 +47,7 @@ from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
 from tunesmith.errors import Interrupted, Stopped, UserError
 from tunesmith.model_card import model_card
+from tunesmith.models.fastops import speed_up
 from tunesmith.models.layers import enable_gradient_checkpointing
 from tunesmith.observers import (Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers, ReportPage,
                                  Trackers, check_trackers)
@@ -168,6 +169,7 @@ class Recipe:
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
         # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
         self.fallback: tuple[float, Any] | None = None
+        self.fast_ops_said = False
         self.opened = False
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -247,6 +249,8 @@ class Recipe:
         """The task by name; every data file read and checked (`tunesmith validate`'s report) first."""
         cfg, console = self.cfg, self.console
         self.task, self.resolved, self.report = preflight(cfg)
+        if cfg.optim.epochs is None:  # the task's default, recorded in config.yaml as resolved
+            cfg.optim.epochs = self.task.default_epochs
         self.report.render(console, full=False)
         if not self.report.ok:
             raise UserError(self.report.error_line())
@@ -307,6 +311,11 @@ class Recipe:
             enable_gradient_checkpointing(model)
             self.console.print("gradient checkpointing: on (activations recomputed in the backward pass)")
         model.to(self.device)
+        if cfg.train.fast_cpu_ops:
+            sped = speed_up(model, self.device, self.world)
+            if sped and not self.fast_ops_said:
+                self.console.print(f"fast CPU paths: {', '.join(sped)} (train.fast_cpu_ops=false: the plain modules)")
+                self.fast_ops_said = True
         self.task.before_training(model, self.enc, self.rt)  # once: a task keeps what it computed (a resumed run: the starting weights)
         self.anchor = None  # the starting values of the pre-trained weights that may train: L2-SP, the moved report
         if strategy.trains_backbone:
@@ -416,16 +425,17 @@ class Recipe:
         return (self.cfg.optim.head_lr or max(self.task.head_lr or 0.0, self.lr)) if beside else None
 
     def budget(self) -> tuple[int, int]:
-        """(epochs, optimizer steps) of this stage: epochs raised on small data until optim.min_steps is reached."""
+        """(epochs, optimizer steps) of this stage: on small data, exactly optim.min_steps steps (the last epoch
+        partial), the schedule spanning them."""
         o = self.cfg.optim
         steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / o.batch_size) / o.grad_accum)
         epochs = self.stage.epochs or o.epochs
-        if not self.stage.epochs and o.min_steps and steps_per_epoch * epochs < o.min_steps:
-            more = math.ceil(o.min_steps / steps_per_epoch)
-            self.console.print(f"budget: {epochs} epoch(s) x {steps_per_epoch} steps < optim.min_steps={o.min_steps}: "
-                               f"{more} epochs, the best validation weights kept (optim.min_steps=0: as configured)")
-            epochs = more
         total = steps_per_epoch * epochs
+        if not self.stage.epochs and o.min_steps and total < o.min_steps:
+            total, epochs = o.min_steps, math.ceil(o.min_steps / steps_per_epoch)
+            self.console.print(f"budget: {self.stage.epochs or o.epochs} epoch(s) x {steps_per_epoch} "
+                               f"steps < optim.min_steps={o.min_steps}: {total} steps ({total / steps_per_epoch:.1f} epochs), "
+                               "the best validation weights kept (optim.min_steps=0: as configured)")
         return epochs, min(total, o.max_steps) if o.max_steps else total
 
     def restore_checkpoint(self) -> None:

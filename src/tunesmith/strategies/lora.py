@@ -9,7 +9,6 @@ LoRA classifier. The run's `model/` holds the merged model in plain Hugging Face
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from torch import nn
 from pydantic import Field
 
 from tunesmith.errors import UserError
+from tunesmith.models.fastops import keep_mask
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, StrategyOptions
 from tunesmith.strategies.guards import relative_l2
 
@@ -31,20 +31,13 @@ EXTRA_TARGETS = {
 }
 
 
-def _keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
-    """Bernoulli keep mask from 16-bit lanes of 64-bit draws (torch's seeded CPU generator)."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    return bits.view(torch.int16)[:n].view(shape) >= threshold
-
-
 class _DropoutLinear(torch.autograd.Function):
     """linear(dropout(x), weight) that keeps x and a bool mask for the backward pass, not the dropped copy:
     the q/k/v (and gate/up) branches of a block read the same x, so it is stored once, not once per branch."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-        keep = _keep_mask(x.shape, threshold)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+        keep = keep_mask(x.shape, p)
         ctx.save_for_backward(x, keep, weight)
         ctx.scale = scale
         return nn.functional.linear(torch.where(keep, x * scale, 0.0), weight)
@@ -83,7 +76,7 @@ class DropoutLinear(nn.Linear):
             return super().forward(x)
         if x.device.type != "cpu" or self.bias is not None:
             return super().forward(nn.functional.dropout(x, self.p, True))
-        return _DropoutLinear.apply(x, self.weight, -32768 + round(self.p * 65536), 1.0 / (1.0 - self.p))
+        return _DropoutLinear.apply(x, self.weight, self.p, 1.0 / (1.0 - self.p))
 
 
 def use_fused_dropout(model: nn.Module) -> int:

@@ -128,6 +128,7 @@ class Task:
     new_head: ClassVar[bool] = True  # the model gets a freshly initialised head (strategies may need one)
     head_lr: ClassVar[float | None] = None  # the new head's rate when more than the head trains (optim.head_lr)
     strategy_lr: ClassVar[dict[str, float]] = {}  # this task's default rates by strategy, where they differ from the strategy's
+    default_epochs: ClassVar[int] = 3  # optim.epochs when the config leaves it null
     refuses: ClassVar[dict[str, str]] = {}  # strategy name -> the whole error message
 
     def __init__(self, config: "Config"):

@@ -1,0 +1,175 @@
+"""Faster CPU training steps at the same mathematics (`train.fast_cpu_ops`, on by default).
+
+Measured on the packaged MiniLM (batch 32, Rotten Tomatoes rows, bf16 autocast on an AMD EPYC with
+AVX-512 BF16; benchmarks/profile_training.py, docs/benchmarks.md), three things outside the matrix
+products took most of a CPU training step, and each has an exact replacement:
+
+- **Dropout masks.** `torch.bernoulli_` draws one float per element. `keep_mask` draws 64 bits and
+  reads four 16-bit lanes from them, each kept when at or above p * 65536 (p rounded to 1/65536):
+  the same Bernoulli(1 - p) mask with the same 1 / (1 - p) scaling, from torch's seeded generator
+  (runs repeat, and resume exactly), about a fifth of the time. `FastDropout` keeps a one-byte mask
+  for the backward pass.
+- **Attention with dropout.** With `dropout_p > 0`, `scaled_dot_product_attention` leaves its
+  fused CPU kernel for a slow general path (and its bf16 backward is slow even without dropout).
+  `cpu_attention` computes softmax(q k^T * scale + mask) in float32, drops with `keep_mask` and
+  multiplies by v: the formula of transformers' eager attention, 2-2.5x faster forward and
+  backward. It is registered with transformers' `AttentionInterface` and used only while a model
+  trains on a CPU with attention dropout; evaluation, prediction and export run sdpa as before.
+- **The dense embedding gradient.** Every step allocated and zero-filled a vocabulary x hidden
+  gradient (30,522 x 384 floats, 47 MB) to add about a thousand token rows into it; on this project's
+  virtual machines the fresh pages cost more than the arithmetic (46 ms of a 250 ms step).
+  `GradBufferEmbedding` keeps one gradient buffer, clears it in place at each step (pages already
+  mapped: a few ms) and adds the rows a batch uses. AdamW, clipping and weight decay see the same
+  dense gradient. One process only: under DDP the gradient must flow through autograd to be all-reduced.
+
+`speed_up` applies all three where they fit (CPU device, a trainable untied input embedding, one
+process); `train.fast_cpu_ops: false` trains with the plain modules. Saved models are unchanged:
+the modules keep their classes' parameters and names (the swap is of Python classes only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+ATTENTION = "tunesmith_cpu"
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """A bool Bernoulli(1 - p) keep mask from 16-bit lanes of 64-bit draws (torch's seeded CPU generator)."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    return bits.view(torch.int16)[:n].view(shape) >= -32768 + round(p * 65536)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = keep_mask(x.shape, p)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.where(keep, x * ctx.scale, 0.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0.0).to(grad.dtype), None
+
+
+class FastDropout(nn.Dropout):
+    """`nn.Dropout` with `keep_mask` on a CPU (elsewhere, and in eval mode, exactly nn.Dropout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        return _Dropout.apply(x, self.p)
+
+
+def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention contract (q, k, v as batch x heads x length x dim; returns batch x length x
+    heads x dim). With dropout on a CPU in bf16/fp16 (autocast): eager attention's formula with a float32 softmax
+    and `keep_mask`; otherwise transformers' sdpa, unchanged (in float32 sdpa's own dropout path is as fast)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (dropout == 0 or query.device.type != "cpu" or query.dtype == torch.float32 or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or groups > 1 or (is_causal and attention_mask is None)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        scores = (scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask.float())
+    probs = torch.softmax(scores, dim=-1)
+    probs = _Dropout.apply(probs, dropout).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, cpu_attention)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the same masks as sdpa
+
+
+class _Lookup(torch.autograd.Function):
+    """An embedding lookup whose weight gradient is added into the module's buffer, not allocated per step."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, module: "GradBufferEmbedding") -> torch.Tensor:
+        ctx.module = module
+        ctx.save_for_backward(ids)
+        return nn.functional.embedding(ids, weight, module.padding_idx, module.max_norm, module.norm_type,
+                                       module.scale_grad_by_freq, module.sparse)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        (ids,) = ctx.saved_tensors
+        ctx.module.accumulate(ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        return None, None, None
+
+
+class GradBufferEmbedding(nn.Embedding):
+    """An `nn.Embedding` (same weight, same forward) whose dense gradient lives in one kept buffer: the
+    first backward of a step clears it in place (the optimizer's zero_grad(set_to_none=True) only drops
+    the reference) and every backward adds the rows its batch used."""
+
+    _buffer: torch.Tensor | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.weight.requires_grad and torch.is_grad_enabled()) or self.max_norm is not None \
+                or self.scale_grad_by_freq or self.sparse:
+            return super().forward(ids)
+        return _Lookup.apply(ids, self.weight, self)
+
+    @torch.no_grad()
+    def accumulate(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        w = self.weight
+        if self.padding_idx is not None:  # the padding row gets no gradient (as in nn.Embedding)
+            keep = ids != self.padding_idx
+            ids, grad = ids[keep], grad[keep]
+        if self._buffer is None or self._buffer.shape != w.shape or self._buffer.dtype != w.dtype:
+            self._buffer = torch.empty_like(w)
+        if w.grad is None:  # a new step: lend the buffer, cleared, as the gradient
+            # all of it: clipping, L2-SP and a NaN step's clip coefficient write to every row, not only the batch's
+            w.grad = self._buffer.zero_()
+        w.grad.index_add_(0, ids, grad.to(w.grad.dtype))
+
+
+def speed_up(model: nn.Module, device: torch.device, processes: int) -> list[str]:
+    """Swap in the fast CPU paths that fit this model; returns what was changed, for the console."""
+    if device.type != "cpu":
+        return []
+    done = []
+    drops = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0 and not m.inplace]
+    for m in drops:
+        m.__class__ = FastDropout
+    if drops:
+        done.append(f"{len(drops)} dropout layers")
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) == "sdpa" and _attention_dropout(config) > 0:
+        _register_attention()
+        config._attn_implementation = ATTENTION
+        done.append("attention with dropout")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (processes == 1 and type(emb) is nn.Embedding and emb.weight.requires_grad
+            and (out is None or out.weight is not emb.weight)):
+        emb.__class__ = GradBufferEmbedding
+        done.append("embedding gradient buffer")
+    return done
+
+
+def _attention_dropout(config: Any) -> float:
+    for name in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
+        v = getattr(config, name, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return 0.0

@@ -1,0 +1,188 @@
+"""The fast CPU paths (tunesmith.models.fastops) against the plain modules they replace: the same
+distribution, the same gradients, the same losses; and training with them on and off."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tunesmith
+from tunesmith.models import fastops
+from tunesmith.models.fastops import FastDropout, GradBufferEmbedding, keep_mask, speed_up
+
+
+def tiny_bert(dropout=0.1, attention_dropout=0.1, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=attention_dropout,
+                     num_labels=3, attn_implementation="sdpa")
+    return BertForSequenceClassification(cfg)
+
+
+def batch(seed=0, n=6, length=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 60, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    for i in range(n):  # ragged rows, padded with id 0
+        cut = int(torch.randint(4, length + 1, (1,), generator=g))
+        ids[i, cut:], mask[i, cut:] = 0, 0
+    return ids, mask, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_keep_mask_is_bernoulli_and_seeded():
+    torch.manual_seed(3)
+    m = keep_mask((1000, 1000), 0.1)
+    assert m.dtype == torch.bool and m.shape == (1000, 1000)
+    assert abs(m.float().mean().item() - 0.9) < 0.002
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((1000, 1000), 0.1), m)  # torch's generator: runs repeat, resume continues
+    assert abs(keep_mask((4001,), 0.5).float().mean().item() - 0.5) < 0.03  # odd sizes: lanes cut to n
+
+
+def test_fast_dropout_forward_backward_match_its_mask():
+    d = nn.Dropout(0.25)
+    d.__class__ = FastDropout
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(0)
+    y = d(x)
+    torch.manual_seed(0)
+    keep = keep_mask(x.shape, 0.25)
+    assert torch.allclose(y, torch.where(keep, x / 0.75, 0.0))
+    y.sum().backward()
+    assert torch.allclose(x.grad, keep / 0.75)
+    d.eval()
+    assert torch.equal(d(x), x)  # evaluation: nn.Dropout's identity
+
+
+def test_attention_path_matches_eager_formula_with_the_same_mask():
+    """bf16 q, k, v with a padding mask: the fast path is softmax(q k^T s + mask) dropped by keep_mask, times v."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny_bert()
+    module = model.bert.encoder.layer[0].attention.self
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 10, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.ones(3, 1, 10, 10, dtype=torch.bool)
+    mask[0, ..., 7:] = False
+    torch.manual_seed(5)
+    out, _ = fastops.cpu_attention(module, q, k, v, mask, dropout=0.1, scaling=0.25)
+    torch.manual_seed(5)
+    keep = keep_mask((3, 2, 10, 10), 0.1)
+    scores = (q.float() @ k.float().transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    ref = (torch.where(keep, scores.softmax(-1) / 0.9, 0.0) @ v.float()).transpose(1, 2)
+    assert out.shape == (3, 10, 2, 16) and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.03  # bf16 rounding of the products
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in (q, k, v))
+    # no dropout (evaluation), or float32: transformers' sdpa itself
+    for args in ((q.detach(), k.detach(), v.detach(), 0.0), (q.detach().float(), k.detach().float(), v.detach().float(), 0.1)):
+        *qkv, p = args
+        torch.manual_seed(2)
+        a, _ = fastops.cpu_attention(module, *qkv, mask, dropout=p, scaling=0.25)
+        torch.manual_seed(2)
+        b, _ = sdpa_attention_forward(module, *qkv, mask, dropout=p, scaling=0.25)
+        assert torch.equal(a, b)
+
+
+def _train(model, steps, accumulate=1, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    losses = []
+    model.train()
+    for s in range(steps):
+        for m in range(accumulate):
+            ids, mask, y = batch(seed=10 * s + m)
+            loss = nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y)
+            (loss / accumulate).backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def test_embedding_gradient_buffer_gives_the_plain_losses_and_weights():
+    """Dropout off, so both runs compute the same function: 6 steps of 2 accumulated micro-batches each."""
+    plain = tiny_bert(dropout=0.0, attention_dropout=0.0)
+    fast = copy.deepcopy(plain)
+    assert speed_up(fast, torch.device("cpu"), 1) == ["embedding gradient buffer"]
+    assert type(fast.bert.embeddings.word_embeddings) is GradBufferEmbedding
+    a, b = _train(plain, 6, accumulate=2), _train(fast, 6, accumulate=2)
+    assert a == pytest.approx(b, abs=1e-5)
+    assert a[-1] < a[0]
+    for (n, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if not n.endswith("key.bias"):  # softmax ignores it: its gradient is rounding noise that AdamW scales up
+            assert torch.allclose(p, q, atol=1e-5), n
+    # the buffer holds only this step's rows: each row's gradient equals the plain one
+    for model in (plain, fast):
+        ids, mask, y = batch(seed=99)
+        nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y).backward()
+    g_plain, g_fast = plain.bert.embeddings.word_embeddings.weight.grad, fast.bert.embeddings.word_embeddings.weight.grad
+    assert torch.allclose(g_plain, g_fast, atol=1e-6)
+    assert g_fast[0].abs().sum() == 0  # the padding row gets no gradient
+    unused = sorted(set(range(60)) - set(batch(seed=99)[0].flatten().tolist()))
+    assert unused and g_fast[unused].abs().sum() == 0  # rows written by earlier steps were cleared
+
+
+def test_embedding_gradient_buffer_recovers_from_a_nan_step():
+    """Clipping a NaN gradient writes NaN into every row of the buffer: the next step must not see it."""
+    model = tiny_bert(dropout=0.0, attention_dropout=0.0)
+    speed_up(model, torch.device("cpu"), 1)
+    w = model.bert.embeddings.word_embeddings.weight
+    ids, mask, y = batch()
+    (nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y) * float("nan")).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # NaN norm: every gradient element becomes NaN
+    assert not torch.isfinite(w.grad).any()
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y).backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_speed_up_leaves_evaluation_and_saved_models_unchanged(tmp_path):
+    plain = tiny_bert()
+    fast = copy.deepcopy(plain)
+    done = speed_up(fast, torch.device("cpu"), 1)
+    assert done == ["8 dropout layers", "attention with dropout", "embedding gradient buffer"]
+    plain.eval(), fast.eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, fast(input_ids=ids, attention_mask=mask).logits)
+    fast.save_pretrained(tmp_path)
+    assert "tunesmith" not in (tmp_path / "config.json").read_text()
+    assert speed_up(tiny_bert(), torch.device("cpu"), 2)[-1] == "attention with dropout"  # DDP: no buffer
+    assert speed_up(tiny_bert(), torch.device("meta"), 1) == []
+
+
+def test_bf16_training_with_fast_paths_learns_like_the_plain_modules():
+    """With dropout on, the masks differ (another random stream), so compare what training reaches."""
+    def run(fast):
+        model = tiny_bert(seed=1)
+        if fast:
+            speed_up(model, torch.device("cpu"), 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = _train(model, 30, lr=3e-3)
+        return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+    (plain_start, plain_end), (fast_start, fast_end) = run(False), run(True)
+    assert plain_end < plain_start and fast_end < fast_start
+    assert abs(fast_end - plain_end) < 0.25
+
+
+def test_training_config_switch(tiny_model_dir, data_dir, tmp_path):
+    """train.fast_cpu_ops: on by default (same losses as off on the dropout-free tiny model), off on request."""
+    def run(fast, name):
+        cfg = {"task": "text-classification", "model": str(tiny_model_dir), "output_dir": str(tmp_path / name),
+               "data": {"train": str(data_dir / "train.csv"), "validation": str(data_dir / "validation.csv"),
+                        "test": str(data_dir / "test.csv")},
+               "strategy": {"name": "full", "lp_ft": False}, "optim": {"lr": 1e-3, "epochs": 2, "min_steps": 0},
+               "train": {"fast_cpu_ops": fast, "log_every": 1, "precision": "fp32"}, "eval": {"report": False}}
+        res = tunesmith.train(cfg, quiet=True)
+        lines = [l for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+        return res, [__import__("json").loads(l)["loss"] for l in lines]
+
+    on, on_losses = run(True, "on")
+    off, off_losses = run(False, "off")
+    assert on_losses == pytest.approx(off_losses, abs=1e-5)
+    assert on.eval["after"]["accuracy"] == off.eval["after"]["accuracy"]
