@@ -8,8 +8,10 @@ The Trainer's recipe sets the target: the packaged MiniLM, 3 epochs, lr 5e-5, ba
 `--n-train` Rotten Tomatoes rows; its test accuracy is the target and its `trainer.train()` time
 the budget. tunesmith gets `{task, model, data}` and nothing else: its defaults choose the strategy,
 the validation split (10% of the rows), the budget, early stopping and the precision. Its time is
-the training phase (`eval.json` train.runtime_s, every stage) and, separately, the whole call
-(baselines, linear probe and evaluation included). Printed: both accuracies and times, and the
+the wall time of its training stages (`eval.json` train.stages_s: the probe stage's feature pass and
+fits, every optimizer step, the validation passes that choose the weights kept), as MLPerf counts
+evaluation inside time to train; also printed: the optimizer steps alone (train.runtime_s) and the
+whole call (baselines, linear probe, test evaluation and saving included). Printed: both accuracies and times, and the
 ratio; the issue's target is tunesmith reaching the Trainer's accuracy in <= 1/3 of its time.
 Each side runs in a fresh process.
 """
@@ -37,6 +39,9 @@ def trainer_side(data: Path, epochs: int, bf16: bool) -> dict:
 
 
 def tunesmith_side(data: Path) -> dict:
+    import os
+
+    os.environ["TUNESMITH_CACHE"] = str(data / "cache")  # a cold feature cache: the probe stage computes its features
     import tunesmith
 
     t0 = time.perf_counter()
@@ -45,7 +50,7 @@ def tunesmith_side(data: Path) -> dict:
     total = time.perf_counter() - t0
     ev = res.eval
     return {"side": f"tunesmith defaults ({ev.get('strategy', '?')})", "accuracy": ev["after"]["accuracy"],
-            "train_s": ev["train"]["runtime_s"], "total_s": total, "peak_rss_mb": ev["train"].get("peak_rss_mb"),
+            "train_s": ev["train"]["stages_s"], "steps_s": ev["train"]["runtime_s"], "total_s": total, "peak_rss_mb": ev["train"].get("peak_rss_mb"),
             "epochs_run": ev["train"].get("epochs_run"), "steps": ev["train"].get("steps"),
             "precision": ev["train"].get("precision")}
 
@@ -80,9 +85,10 @@ def main() -> None:
         rows.append(run_worker([__file__, "--side", side, "--data", str(data), "--epochs", str(a.epochs)],
                                data / f"{side}.log"))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'side':40} {'accuracy':>9} {'train s':>8} {'total s':>8}")
+    print(f"\n{'side':40} {'accuracy':>9} {'train s':>8} {'steps s':>8} {'total s':>8}")
     for r in rows:
-        print(f"{r['side']:40} {r['accuracy']:9.4f} {r['train_s']:8.1f} {(r['total_s'] or 0):8.1f}")
+        print(f"{r['side']:40} {r['accuracy']:9.4f} {r['train_s']:8.1f} {(r.get('steps_s') or r['train_s']):8.1f} "
+              f"{(r['total_s'] or 0):8.1f}")
     Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     if len(rows) < 2 or "tunesmith" not in sides:
         return
@@ -90,8 +96,9 @@ def main() -> None:
     trainer = min(rows[:-1], key=lambda r: r["train_s"])  # the Trainer's fastest configuration sets the target
     reached = ours["accuracy"] >= trainer["accuracy"]
     print(f"\ntarget accuracy {trainer['accuracy']:.4f} ({'reached' if reached else 'NOT reached'} by tunesmith); "
-          f"tunesmith's training time is {ours['train_s'] / trainer['train_s']:.2f}x the Trainer's "
-          f"({ours['total_s'] / trainer['train_s']:.2f}x with baselines and evaluation); the target is <= 0.33x")
+          f"tunesmith's training time (its stages) is {ours['train_s'] / trainer['train_s']:.2f}x the Trainer's "
+          f"({ours['steps_s'] / trainer['train_s']:.2f}x its optimizer steps alone, {ours['total_s'] / trainer['train_s']:.2f}x "
+          f"the whole call with baselines and evaluation); the target is <= 0.33x")
 
 
 if __name__ == "__main__":

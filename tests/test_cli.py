@@ -70,12 +70,13 @@ def test_train_predict_eval_end_to_end(make_config, tmp_path, data_dir):
         ({"optim": {"lrr": 1}}, ["unknown key 'optim.lrr'", "did you mean 'lr'"]),
     ],
 )
-def test_user_errors_are_one_line_exit_2_and_leave_no_run(make_config, tmp_path, data_dir, change, fragments):
+def test_user_errors_are_one_line_exit_2_and_leave_no_run(make_config, tmp_path, data_dir, change, fragments, run_cli, monkeypatch):
     (data_dir / "train.xlsx").write_text("x")
     cfg = make_config(**change)
     if "train" in change.get("data", {}):
         cfg["data"]["train"] = change["data"]["train"]
-    proc = cli("train", write_config(tmp_path, cfg), cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative paths in the config are the working directory's
+    proc = run_cli("train", write_config(tmp_path, cfg))  # in this process; the end-to-end test runs the real one
     assert_user_error(proc, *fragments)
     assert not (tmp_path / "run").exists()
 
@@ -121,26 +122,26 @@ def test_model_resolution_offline(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "empty"))
 
 
-def test_lr_find_command_writes_png_and_suggests(make_config, tmp_path):
+def test_lr_find_command_writes_png_and_suggests(make_config, tmp_path, run_cli):
     cfg = write_config(tmp_path, make_config(optim={"lr": None}))
     png = tmp_path / "sweep.png"
-    proc = cli("lr-find", cfg, "--output", png, "optim.lr_find_steps=30", "--quiet")  # overrides after options too
+    proc = run_cli("lr-find", cfg, "--output", png, "optim.lr_find_steps=30", "--quiet")  # overrides after options too
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
     suggested = float(proc.stdout.split("suggested lr:")[1].split()[0])
     assert 1e-7 <= suggested <= 1
     assert not (tmp_path / "run").exists()
-    assert_user_error(cli("lr-find", cfg, "--output", tmp_path / "x.jpg"), "the plot is a PNG")
+    assert_user_error(run_cli("lr-find", cfg, "--output", tmp_path / "x.jpg"), "the plot is a PNG")
 
 
-def test_strategy_mistake_that_needs_the_model_is_one_line(make_config, tmp_path):
+def test_strategy_mistake_that_needs_the_model_is_one_line(make_config, tmp_path, run_cli):
     cfg = write_config(tmp_path, make_config(strategy={"name": "freeze", "train_last_n": 9}))
-    assert_user_error(cli("train", cfg), "strategy.train_last_n=9", "has 2 blocks")
+    assert_user_error(run_cli("train", cfg), "strategy.train_last_n=9", "has 2 blocks")
     assert not (tmp_path / "run").exists()
 
 
-def test_strategies_command_lists_every_strategy():
-    proc = cli("strategies")
+def test_strategies_command_lists_every_strategy(run_cli):
+    proc = run_cli("strategies")
     assert proc.returncode == 0
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     assert names == ["auto", "contrastive", "feature-extraction", "freeze", "full", "gradual-unfreeze", "head-only", "lora"]

@@ -160,3 +160,23 @@ def test_lp_ft_falls_back_on_the_logistic_regression_when_fine_tuning_ends_below
         assert ev["after"][m] == pytest.approx(ev["linear_probe"][m], abs=1e-4), m
     assert not ev["guard"]["worse"]
     assert max(ev["weights_moved"].values()) == 0.0  # the backbone as it started
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_lp_ft_probe_stage_leaves_the_test_split_to_the_baselines_and_times_its_stages(make_config, before, capsys):
+    """The probe stage caches features of train and validation only: the test split's are computed when the
+    baselines read them (eval.before), never for a run that does not (the final evaluation runs the tuned
+    model). train.stages_s is the stages' wall time (feature passes, fits, steps, validation): more than the
+    optimizer steps' runtime_s, less than the whole call."""
+    import time
+
+    t0 = time.perf_counter()
+    ev = tunesmith.train(make_config(strategy={"name": "full", "lp_ft": True}, optim={"epochs": 2, "min_steps": 0},
+                                     eval={"before": before, "linear_probe": before})).eval
+    whole = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert ev["features"]["train"]["rows"] == ev["data"]["train"]["rows"] and "validation" in ev["features"]
+    assert ("test" in ev["features"]) == before and ("features: test" in out) == before
+    assert 0 < ev["train"]["runtime_s"] < ev["train"]["stages_s"] < whole
+    if before:  # the probe's test rows came from that one pass
+        assert ev["linear_probe"]["accuracy"] >= 0 and ev["before"]["accuracy"] >= 0

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import tunesmith
-from test_cli import assert_user_error, cli, write_config
+from test_cli import assert_user_error, write_config
 from tunesmith.config import load_config
 from tunesmith.errors import Stopped, UserError
 from tunesmith.experiments import Pruning
@@ -83,7 +83,7 @@ class Prunes:
         return len(self.reported) >= 2
 
 
-def test_a_pruned_run_is_recorded_and_holds_no_model(make_config, tmp_path):
+def test_a_pruned_run_is_recorded_and_holds_no_model(make_config, tmp_path, run_cli):
     trial = Prunes()
     with pytest.raises(Stopped, match="pruned by the sweep at step"):
         run_loop(load_config(make_config(optim={"epochs": 3})), quiet=True, observers=[Pruning(trial, "macro_f1")])
@@ -91,7 +91,7 @@ def test_a_pruned_run_is_recorded_and_holds_no_model(make_config, tmp_path):
     record = json.loads((run / "failed.json").read_text())
     assert record["status"] == "pruned" and trial.reported[-1][0] == 2 and "(evaluation 2)" in record["error"]
     assert not (run / "eval.json").exists() and not (run / "model").exists()
-    assert_user_error(cli("predict", run, "good film"), f"the run in {run} was pruned by a sweep at step {record['step']}")
+    assert_user_error(run_cli("predict", run, "good film"), f"the run in {run} was pruned by a sweep at step {record['step']}")
 
 
 @pytest.mark.parametrize("space, fragments", [

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from test_cli import assert_user_error, cli
+from test_cli import assert_user_error
 
 COLORS = {"red": (200, 40, 40), "blue": (40, 40, 200), "green": (40, 200, 40)}
 
@@ -184,29 +184,29 @@ def test_feature_extraction_caches_and_reloads(tiny_timm_dir, images, tmp_path):
     assert np.mean([p.label == f.parent.name for p, f in zip(clf.predict(files), files)]) == first.eval["after"]["accuracy"]
 
 
-def test_predict_cli_folder_to_csv_with_top_k(tiny_timm_dir, images, tmp_path):
+def test_predict_cli_folder_to_csv_with_top_k(tiny_timm_dir, images, tmp_path, run_cli):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(config(tiny_timm_dir, images, tmp_path, optim={"epochs": 1})))
-    assert cli("train", p, "--quiet").returncode == 0
-    proc = cli("predict", tmp_path / "run", images / "test", "--top-k", "2", "--output", tmp_path / "p.csv")
+    assert run_cli("train", p, "--quiet").returncode == 0
+    proc = run_cli("predict", tmp_path / "run", images / "test", "--top-k", "2", "--output", tmp_path / "p.csv")
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "path,label,p,label_2,p_2" and len(lines) == 1 + 18
 
 
-def test_bad_images_named_one_line_exit_2_or_skipped_and_counted(tiny_timm_dir, images, tmp_path):
+def test_bad_images_named_one_line_exit_2_or_skipped_and_counted(tiny_timm_dir, images, tmp_path, run_cli):
     p = tmp_path / "c.yaml"
     broken = images / "train" / "red" / "broken.png"
     good = (images / "train" / "red" / "0.png").read_bytes()
     broken.write_bytes(good[: len(good) // 2])  # a truncated PNG
     (images / "train" / "blue" / "notes.txt").write_text("not an image")
     p.write_text(yaml.safe_dump(config(tiny_timm_dir, images, tmp_path, optim={"epochs": 1})))
-    proc = cli("train", p)
+    proc = run_cli("train", p)
     assert_user_error(proc, "2 bad image(s)/row(s)", str(broken), "notes.txt")
     assert not (tmp_path / "run").exists()
-    proc = cli("validate", p, "data.bad_rows=skip")
+    proc = run_cli("validate", p, "data.bad_rows=skip")
     assert proc.returncode == 0 and "2 row(s) skipped" in proc.stdout and str(broken) in proc.stdout
-    proc = cli("train", p, "data.bad_rows=skip", "--quiet")
+    proc = run_cli("train", p, "data.bad_rows=skip", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["data_report"]["files"][0]["bad_rows"] == 2
 

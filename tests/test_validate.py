@@ -6,7 +6,7 @@ import json
 import yaml
 
 from conftest import make_texts, write_csv, write_jsonl
-from test_cli import assert_user_error, cli
+from test_cli import assert_user_error
 from tunesmith.cli import main
 
 
@@ -68,7 +68,7 @@ def test_bad_rows_first_20_listed_rest_counted_exit_2(make_config, tmp_path, dat
     assert rc == 0 and rep["files"][0]["rows"] == 15 and rep["files"][0]["bad_rows"] == 25
 
 
-def test_train_runs_the_report_first_and_stops_before_the_model(make_config, tmp_path, data_dir, tiny_model_dir):
+def test_train_runs_the_report_first_and_stops_before_the_model(make_config, tmp_path, data_dir, tiny_model_dir, run_cli):
     import shutil
 
     broken = tmp_path / "model"  # the tokenizer loads; the weights would not: the data report must stop first
@@ -80,7 +80,7 @@ def test_train_runs_the_report_first_and_stops_before_the_model(make_config, tmp
                             "test": str(data_dir / "test.csv")})
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    proc = cli("train", p)
+    proc = run_cli("train", p)
     assert_user_error(proc, "bad.jsonl:31: text is int, not a string")
     assert not (tmp_path / "run").exists()
     cfg["model"] = str(tiny_model_dir)
@@ -89,7 +89,7 @@ def test_train_runs_the_report_first_and_stops_before_the_model(make_config, tmp
     cfg["data"]["train"] = str(data_dir / "dup.csv")
     cfg["optim"]["epochs"] = 1
     p.write_text(yaml.safe_dump(cfg))
-    proc = cli("train", p)
+    proc = run_cli("train", p)
     assert proc.returncode == 0, proc.stderr
     assert "warning: " in proc.stdout and "40 row(s) repeat an earlier row's text exactly" in proc.stdout
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())

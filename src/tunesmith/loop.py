@@ -82,7 +82,8 @@ class RunState:
     step: int = 0
     samples: int = 0
     tokens: int = 0
-    train_time: float = 0.0
+    train_time: float = 0.0  # the optimizer steps' segments alone
+    stages_time: float = 0.0  # the stages' wall time: feature passes, fitted heads, steps, validation (not the baselines)
     best_metric: float | None = None
     best_step: int = 0
     evals_without_gain: int = 0
@@ -165,6 +166,7 @@ class Recipe:
         self.rng_to_restore: tuple[Any, Any] | None = None  # a resumed run's RNG state, set when fitting starts
         self.pending_replay: dict[str, Any] | None = None  # a resumed run's replay sampler, for its first epoch
         self.t0: float | None = None  # start of the timed segment of training in progress
+        self.stages_mark: float | None = None  # since when the stages' wall time runs uncounted (None: paused)
         # (best validation value, its step, the weights) of the stage before this one, to keep if it was better
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
         # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
@@ -195,6 +197,7 @@ class Recipe:
         resume_stage = self.state.stage
         stages = self.strategy.stages(self.task)
         with self.signals():
+            self.stages_mark = time.perf_counter()
             for i, stage in enumerate(stages):
                 if len(stages) > 1:
                     self.console.print(f"stage {i + 1}/{len(stages)}: {stage.role or stage.strategy.name}")
@@ -203,14 +206,17 @@ class Recipe:
                     self.validate_start(skipped=True)  # and the fit it keeps aside as a fallback
                     continue
                 if not self.opened:
+                    self.count_stages_time(pause=True)  # the run directory and the baselines are not training
                     self.open_run_dir()
                     self.baselines()
+                    self.stages_mark = time.perf_counter()
                 self.start_stage_state(i)
                 self.build_optimizer()
                 self.fit()
                 self.restore_best()
                 self.keep_better_stage()
         self.keep_fallback()
+        self.count_stages_time(pause=True)
         self.final_evaluation()
         self.save()
         return RunResult(self.out, self.cfg, self.ev, self.whole_model())
@@ -525,6 +531,14 @@ class Recipe:
             self.state.train_time += time.perf_counter() - self.t0
             self.t0 = None
 
+    def count_stages_time(self, pause: bool = False) -> float:
+        """Add the stages' wall time since the mark to the state (and stop counting, with `pause`); returns the total."""
+        now = time.perf_counter()
+        if self.stages_mark is not None:
+            self.state.stages_time += now - self.stages_mark
+        self.stages_mark = None if pause else now
+        return self.state.stages_time
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This epoch's global batches (seeded by epoch), with replay rows added to each."""
         cfg, s = self.cfg, self.state
@@ -685,7 +699,8 @@ class Recipe:
         replay = s.replay if s.window else {"rng": self.replay_rng.bit_generator.state,
                                             "order": list(self.replay_order), "seen": self.replay_seen}
         in_segment = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
-        state = {**asdict(s), "train_time": s.train_time + in_segment, "replay": replay, "running_loss": self.running_loss.item(),
+        state = {**asdict(s), "train_time": s.train_time + in_segment, "stages_time": self.count_stages_time(),
+                 "replay": replay, "running_loss": self.running_loss.item(),
                  "previous": list(self.previous[:2]),
                  "scheduler": self.scheduler.state_dict(), "config": self.user_config, "lr": self.lr,
                  "lr_find": self.found, "stage_first_step": self.stage.first_step}
@@ -808,7 +823,7 @@ class Recipe:
             self.console.print(moved_table(moved))
         train_time = s.train_time
         ev["train"] = {
-            "runtime_s": train_time, "samples_per_s": s.samples / train_time if train_time else 0.0,
+            "runtime_s": train_time, "stages_s": s.stages_time, "samples_per_s": s.samples / train_time if train_time else 0.0,
             "tokens_per_s": s.tokens / train_time if train_time else 0.0, "peak_rss_mb": self.train_peak,
             "steps": s.step, "epochs_run": self.last_epoch, "stopped_early": s.stopped_early,
             "skipped_steps": s.skipped_steps, "best_step": s.best_step, "precision": self.precision,

@@ -28,10 +28,9 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -82,21 +81,31 @@ def _head_module(model: nn.Module, head: list[str]) -> str:
     return common
 
 
-@dataclass
 class Features:
     """Cached backbone features standing in for an encoded set: same `lengths`, `labels`, `subset`
-    and `len()`; its batches are `{"features": ...}` for the head alone."""
+    and `len()`; its batches are `{"features": ...}` for the head alone. With `load` instead of
+    `features`, they are computed when first read (the test split: by the baselines or the final
+    evaluation, not by the training stages)."""
 
-    features: torch.Tensor  # (N, D) float32, the input of the model's head
-    labels: torch.Tensor | None
-    truncated: int = 0
+    def __init__(self, features: torch.Tensor | None, labels: torch.Tensor | None, rows: int | None = None,
+                 load: Callable[[], torch.Tensor] | None = None):
+        self._features, self._load = features, load  # (N, D) float32, the input of the model's head
+        self.labels = labels
+        self.rows = rows if rows is not None else features.shape[0]
+        self.truncated = 0
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            self._features, self._load = self._load(), None
+        return self._features
 
     @property
     def lengths(self) -> list[int]:
         return [1] * len(self)
 
     def __len__(self) -> int:
-        return self.features.shape[0]
+        return self.rows
 
     def subset(self, idx: list[int]) -> "Features":
         return Features(self.features[idx], self.labels[idx] if self.labels is not None else None)
@@ -265,44 +274,51 @@ class FeatureExtraction(BaseStrategy):
 
     def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
         """Features for every split, from the cache or from one backbone pass; the head to train on them."""
-        from safetensors.torch import load_file, save_file
-
         root = cache_root(self.config.cache_dir) / "features"
         identity = model_identity(model)
         self.first_token: bool | None = None
         out: dict[str, Any] = {}
         info: dict[str, Any] = {"cache_dir": str(root)}
         for split, e in enc.items():
-            key = hashlib.sha256(
-                json.dumps([CACHE_VERSION, identity, self.head_name, self.pooling, str(rt.amp), e.digest()]).encode()
-            ).hexdigest()[:32]
-            path = root / f"{key}.safetensors"
-            t0 = time.perf_counter()
-            if not self.use_cache:
-                feats = self._extract(model, task, e, rt.device, rt.amp, rt.batch_size)
-                cached = False
-            elif path.exists():
-                stored = load_file(str(path))
-                feats, first = stored["features"], bool(stored["first_token"].item())
-                self.first_token = first if self.first_token is None else self.first_token
-                cached = True
-            else:
-                feats = self._extract(model, task, e, rt.device, rt.amp, rt.batch_size)
-                root.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({"features": feats.contiguous(), "first_token": torch.tensor(bool(self.first_token))}, str(tmp))
-                os.replace(tmp, path)  # written aside, then renamed: a killed run leaves no half-written cache
-                cached = False
-            seconds = time.perf_counter() - t0
-            info[split] = {"rows": len(e), "cached": cached, "key": key, "seconds": seconds}
-            rt.print(f"features: {split} {len(e)} rows ({self.pooling} pooling), {'read from cache' if cached else 'computed'} "
-                          f"in {seconds:.1f} s" + (f" ({path})" if self.use_cache else " (not cached: the backbone was tuned)"))
-            out[split] = Features(feats, e.labels)
-        info["dim"] = int(next(iter(out.values())).features.shape[-1])
+            load = lambda split=split, e=e: self._features_for(split, e, model, task, rt, root, identity, info)  # noqa: E731
+            # the test split is the baselines' and the final evaluation's: computed when they first read it
+            out[split] = Features(None, e.labels, len(e), load) if split == "test" else Features(load(), e.labels)
+        info["dim"] = int(out["train"].features.shape[-1])
         info["pooling"] = self.pooling
         head = model.get_submodule(self.head_name)
         return TrainingView(on_features(task), FeatureHead(head, bool(self.first_token)), out, info,
                             start=lambda: self._probe_start(task, head, out, rt))
+
+    def _features_for(self, split: str, e: Any, model: nn.Module, task: Any, rt: Any, root: Path, identity: Any,
+                      info: dict[str, Any]) -> torch.Tensor:
+        """One split's features: from the disk cache, or one backbone pass (then cached); noted in `info`."""
+        from safetensors.torch import load_file, save_file
+
+        key = hashlib.sha256(
+            json.dumps([CACHE_VERSION, identity, self.head_name, self.pooling, str(rt.amp), e.digest()]).encode()
+        ).hexdigest()[:32]
+        path = root / f"{key}.safetensors"
+        t0 = time.perf_counter()
+        if not self.use_cache:
+            feats = self._extract(model, task, e, rt.device, rt.amp, rt.batch_size)
+            cached = False
+        elif path.exists():
+            stored = load_file(str(path))
+            feats, first = stored["features"], bool(stored["first_token"].item())
+            self.first_token = first if self.first_token is None else self.first_token
+            cached = True
+        else:
+            feats = self._extract(model, task, e, rt.device, rt.amp, rt.batch_size)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"features": feats.contiguous(), "first_token": torch.tensor(bool(self.first_token))}, str(tmp))
+            os.replace(tmp, path)  # written aside, then renamed: a killed run leaves no half-written cache
+            cached = False
+        seconds = time.perf_counter() - t0
+        info[split] = {"rows": len(e), "cached": cached, "key": key, "seconds": seconds}
+        rt.print(f"features: {split} {len(e)} rows ({self.pooling} pooling), {'read from cache' if cached else 'computed'} "
+                 f"in {seconds:.1f} s" + (f" ({path})" if self.use_cache else " (not cached: the backbone was tuned)"))
+        return feats
 
     @torch.no_grad()
     def _probe_start(self, task: Any, head: nn.Module, feats: dict[str, Features], rt: Any) -> dict[str, Any] | None:
