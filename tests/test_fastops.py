@@ -176,7 +176,8 @@ def test_training_config_switch(tiny_model_dir, data_dir, tmp_path):
         cfg = {"task": "text-classification", "model": str(tiny_model_dir), "output_dir": str(tmp_path / name),
                "data": {"train": str(data_dir / "train.csv"), "validation": str(data_dir / "validation.csv"),
                         "test": str(data_dir / "test.csv")},
-               "strategy": {"name": "full", "lp_ft": False}, "optim": {"lr": 1e-3, "epochs": 2, "min_steps": 0},
+               # a gradient-norm limit that clips every step: the fast clipping path scales the gradients
+               "strategy": {"name": "full", "lp_ft": False}, "optim": {"lr": 1e-3, "epochs": 2, "min_steps": 0, "max_grad_norm": 0.05},
                "train": {"fast_cpu_ops": fast, "log_every": 1, "precision": "fp32"}, "eval": {"report": False}}
         res = tunesmith.train(cfg, quiet=True)
         lines = [l for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
@@ -184,5 +185,28 @@ def test_training_config_switch(tiny_model_dir, data_dir, tmp_path):
 
     on, on_losses = run(True, "on")
     off, off_losses = run(False, "off")
-    assert on_losses == pytest.approx(off_losses, abs=1e-5)
+    assert len(on_losses) > 4 and on_losses == pytest.approx(off_losses, abs=1e-5)
     assert on.eval["after"]["accuracy"] == off.eval["after"]["accuracy"]
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, float("nan")], ids=["below", "near", "above", "nan"])
+def test_clipping_gives_torchs_norm_and_gradients(scale):
+    """fastops.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_: the same total norm and the same
+    gradients after clipping, whether the limit bites, does not, or the gradients hold a NaN."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(60, 32), (32,), (64, 32), (3, 32), (1,)]
+    grads = [torch.randn(s, generator=g) * scale for s in shapes]
+    if scale != scale:
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        grads[2][5, 7] = float("nan")
+    plain, fast = ([nn.Parameter(torch.zeros(s)) for s in shapes] for _ in range(2))
+    for a, b, gr in zip(plain, fast, grads):
+        a.grad, b.grad = gr.clone(), gr.clone()
+    fast.append(nn.Parameter(torch.zeros(2)))  # a parameter without a gradient is left out, as torch does
+    n_plain = torch.nn.utils.clip_grad_norm_(plain, 1.0)
+    n_fast = fastops.clip_grad_norm_(fast, 1.0)
+    torch.testing.assert_close(n_fast, n_plain, rtol=1e-6, atol=0, equal_nan=True)
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-12, equal_nan=True)
+    if scale == 1e-3:  # not clipped: the gradients untouched, bit for bit
+        assert all(torch.equal(b.grad, gr) for b, gr in zip(fast, grads))

@@ -47,7 +47,7 @@ from tunesmith.config import Config, save_config
 from tunesmith.data.batching import make_batches, shard
 from tunesmith.errors import Interrupted, Stopped, UserError
 from tunesmith.model_card import model_card
-from tunesmith.models.fastops import speed_up
+from tunesmith.models.fastops import clip_grad_norm_, speed_up
 from tunesmith.models.layers import enable_gradient_checkpointing
 from tunesmith.observers import (Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers, ReportPage,
                                  Trackers, check_trackers)
@@ -317,8 +317,12 @@ class Recipe:
             enable_gradient_checkpointing(model)
             self.console.print("gradient checkpointing: on (activations recomputed in the backward pass)")
         model.to(self.device)
+        self.clip = self.accelerator.clip_grad_norm_
         if cfg.train.fast_cpu_ops:
             sped = speed_up(model, self.device, self.world)
+            if self.device.type == "cpu" and self.world == 1:
+                self.clip = clip_grad_norm_
+                sped.append("gradient clipping")
             if sped and not self.fast_ops_said:
                 self.console.print(f"fast CPU paths: {', '.join(sped)} (train.fast_cpu_ops=false: the plain modules)")
                 self.fast_ops_said = True
@@ -592,7 +596,7 @@ class Recipe:
         if cfg.strategy.l2sp and self.anchor is not None:  # after the all-reduce: the same on every process
             self.anchor.add_l2sp_grad_(cfg.strategy.l2sp)
         if cfg.optim.max_grad_norm:
-            norm = self.accelerator.clip_grad_norm_(self.train_model.parameters(), cfg.optim.max_grad_norm)
+            norm = self.clip(self.train_model.parameters(), cfg.optim.max_grad_norm)
         else:
             grads = [p.grad for p in self.train_model.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
