@@ -186,6 +186,10 @@ def test_training_config_switch(tiny_model_dir, data_dir, tmp_path):
     on, on_losses = run(True, "on")
     off, off_losses = run(False, "off")
     assert len(on_losses) > 4 and on_losses == pytest.approx(off_losses, abs=1e-5)
+    # training over, the kept gradient buffer was let go before the final evaluation (and so were the gradients)
+    buffered = [m for m in on.model.modules() if type(m) is GradBufferEmbedding]
+    assert buffered and all(m._buffer is None for m in buffered)
+    assert all(p.grad is None for p in on.model.parameters())
     assert on.eval["after"]["accuracy"] == off.eval["after"]["accuracy"]
 
 
