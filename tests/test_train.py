@@ -139,3 +139,24 @@ def test_truncated_rows_are_counted(make_config, tiny_model_dir, data_dir):
     assert 0 < expected < len(texts)
     res = tunesmith.train(make_config(train={"max_length": 10}, optim={"epochs": 1}), quiet=True)
     assert res.eval["data"]["train"]["truncated"] == expected
+
+
+def test_epoch_checkpoints_skip_the_runs_last_epoch(make_config, monkeypatch):
+    """train.checkpoint_epochs writes at the end of every epoch but the run's last (the run then finishes and keeps
+    no checkpoints); LP-FT's probe stage is not the last, so its epochs are checkpointed."""
+    from tunesmith.loop import Recipe
+
+    saved: list[tuple[int, int]] = []
+    real = Recipe.save_checkpoint
+
+    def counting(self, *a, **k):
+        saved.append((self.state.stage, self.state.step))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Recipe, "save_checkpoint", counting)
+    ev = tunesmith.train(make_config(optim={"epochs": 3, "min_steps": 0}, strategy={"name": "full", "lp_ft": False})).eval
+    per_epoch = ev["train"]["steps"] // 3
+    assert saved == [(0, per_epoch), (0, 2 * per_epoch)]
+    saved.clear()
+    ev = tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy={"name": "full", "lp_ft": True}, overwrite=True)).eval
+    assert [stage for stage, _ in saved] == [0, 0, 1]  # both probe-stage epochs, the first fine-tuning epoch

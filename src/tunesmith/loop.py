@@ -173,6 +173,7 @@ class Recipe:
         # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
         self.fallback: tuple[float, Any] | None = None
         self.fast_ops_said = False
+        self.n_stages = 1  # set by the recipe
         self.opened = False
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ class Recipe:
         self.prepare_model()
         resume_stage = self.state.stage
         stages = self.strategy.stages(self.task)
+        self.n_stages = len(stages)
         with self.signals():
             self.stages_mark = time.perf_counter()
             for i, stage in enumerate(stages):
@@ -207,7 +209,7 @@ class Recipe:
                     self.validate_start(skipped=True)  # and the fit it keeps aside as a fallback
                     continue
                 if not self.opened:
-                    self.count_stages_time(pause=True)  # the run directory and the baselines are not training
+                    self.pause_stages_clock()  # the run directory and the baselines are not training
                     self.open_run_dir()
                     self.baselines()
                     self.stages_mark = time.perf_counter()
@@ -217,7 +219,7 @@ class Recipe:
                 self.restore_best()
                 self.keep_better_stage()
         self.keep_fallback()
-        self.count_stages_time(pause=True)
+        self.pause_stages_clock()
         self.release_training_state()
         self.final_evaluation()
         self.save()
@@ -537,13 +539,20 @@ class Recipe:
             self.state.train_time += time.perf_counter() - self.t0
             self.t0 = None
 
-    def count_stages_time(self, pause: bool = False) -> float:
-        """Add the stages' wall time since the mark to the state (and stop counting, with `pause`); returns the total."""
-        now = time.perf_counter()
-        if self.stages_mark is not None:
-            self.state.stages_time += now - self.stages_mark
-        self.stages_mark = None if pause else now
-        return self.state.stages_time
+    def training_continues(self) -> bool:
+        """Whether optimizer steps remain after this point: a later stage, or steps left in this one."""
+        s = self.state
+        return s.stage < self.n_stages - 1 or not (s.stop or s.step >= self.last_step)
+
+    def stages_time_now(self) -> float:
+        """The stages' wall time so far, the running stretch included."""
+        running = time.perf_counter() - self.stages_mark if self.stages_mark is not None else 0.0
+        return self.state.stages_time + running
+
+    def pause_stages_clock(self) -> None:
+        """Stop counting the stages' wall time (the baselines, the final evaluation are not training)."""
+        self.state.stages_time = self.stages_time_now()
+        self.stages_mark = None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This epoch's global batches (seeded by epoch), with replay rows added to each."""
@@ -705,7 +714,7 @@ class Recipe:
         replay = s.replay if s.window else {"rng": self.replay_rng.bit_generator.state,
                                             "order": list(self.replay_order), "seen": self.replay_seen}
         in_segment = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
-        state = {**asdict(s), "train_time": s.train_time + in_segment, "stages_time": self.count_stages_time(),
+        state = {**asdict(s), "train_time": s.train_time + in_segment, "stages_time": self.stages_time_now(),
                  "replay": replay, "running_loss": self.running_loss.item(),
                  "previous": list(self.previous[:2]),
                  "scheduler": self.scheduler.state_dict(), "config": self.user_config, "lr": self.lr,

@@ -173,7 +173,9 @@ class Checkpointer(Observer):
             run.save_checkpoint()
 
     def epoch_end(self, run: Any) -> None:
-        if self.epochs:
+        # not after the run's last epoch: the run finishes within seconds and a finished run keeps no checkpoints
+        # (a kill in those seconds resumes from the one before); MiniLM's weights, AdamW and the best copy take ~5 s
+        if self.epochs and run.training_continues():
             run.save_checkpoint()
 
 
