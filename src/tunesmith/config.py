@@ -216,7 +216,7 @@ class TrainConfig(_Section):
     metric: str = Field("macro_f1", description="Validation metric that picks the best weights (restored at the end).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding, faster).")
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end of each epoch).")
-    checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
+    checkpoint_epochs: bool = Field(True, description="Write a checkpoint at the end of every epoch but the run's last (a finished run keeps none).")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers (Accelerate's) that get metrics.jsonl's numbers: tensorboard "
         "(event files in RUN/tensorboard), mlflow (RUN/mlflow.db, SQLite, unless MLFLOW_TRACKING_URI is set), wandb (offline "
