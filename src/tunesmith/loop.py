@@ -9,9 +9,13 @@
         build_optimizer AdamW and the schedule from the strategy's groups; resume restores them
         fit             epochs -> windows -> micro-batches; validation, checkpoints, early stopping
         restore_best    the weights of the best validation step
+        keep_better_stage   (a later stage) the previous stage's weights when they were better on validation
+    keep_fallback       (LP-FT) the probe stage's logistic regression when fine-tuning ended below it
+    release_training_state  AdamW's moments, weight copies, gradients and kept buffers go before evaluating
     final_evaluation    the test set again, and the task's extras (forgetting, samples)
     save            model/ written aside then renamed; eval.json last marks the run finished
 
+`train.stages_s` times the stages (baselines excluded); `train.runtime_s` the optimizer steps alone.
 A run that stops on an error after writing config.yaml leaves failed.json (the error, the step,
 the checkpoint that can resume it); one that stops before leaves no run directory behind.
 
