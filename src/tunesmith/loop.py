@@ -204,7 +204,7 @@ class Recipe:
         stages = self.strategy.stages(self.task)
         self.n_stages = len(stages)
         with self.signals():
-            self.stages_mark = time.perf_counter()
+            self.start_stages_clock()
             for i, stage in enumerate(stages):
                 if len(stages) > 1:
                     self.console.print(f"stage {i + 1}/{len(stages)}: {stage.role or stage.strategy.name}")
@@ -216,7 +216,7 @@ class Recipe:
                     self.pause_stages_clock()  # the run directory and the baselines are not training
                     self.open_run_dir()
                     self.baselines()
-                    self.stages_mark = time.perf_counter()
+                    self.start_stages_clock()
                 self.start_stage_state(i)
                 self.build_optimizer()
                 self.fit()
@@ -552,6 +552,9 @@ class Recipe:
         """The stages' wall time so far, the running stretch included."""
         running = time.perf_counter() - self.stages_mark if self.stages_mark is not None else 0.0
         return self.state.stages_time + running
+
+    def start_stages_clock(self) -> None:
+        self.stages_mark = time.perf_counter()
 
     def pause_stages_clock(self) -> None:
         """Stop counting the stages' wall time (the baselines, the final evaluation are not training)."""

@@ -201,7 +201,6 @@ def release_buffers(model: nn.Module) -> None:
     for m in model.modules():
         if type(m) is GradBufferEmbedding:
             m._buffer = None
-            m.weight.grad = None
 
 
 def return_freed_memory() -> None:
@@ -210,11 +209,8 @@ def return_freed_memory() -> None:
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = libc.malloc_trim if libc is not None else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS), or no C library found: nothing to do
         return
-    if trim is not None:
-        trim(0)
+    trim(0)

@@ -24,6 +24,7 @@ config that says mean, else the model's own head input. A mean-pooled head is re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -280,7 +281,7 @@ class FeatureExtraction(BaseStrategy):
         out: dict[str, Any] = {}
         info: dict[str, Any] = {"cache_dir": str(root)}
         for split, e in enc.items():
-            load = lambda split=split, e=e: self._features_for(split, e, model, task, rt, root, identity, info)  # noqa: E731
+            load = functools.partial(self._features_for, split, e, model, task, rt, root, identity, info)
             # the test split is the baselines' and the final evaluation's: computed when they first read it
             out[split] = Features(None, e.labels, len(e), load) if split == "test" else Features(load(), e.labels)
         info["dim"] = int(out["train"].features.shape[-1])
