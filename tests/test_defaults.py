@@ -162,6 +162,60 @@ def test_lp_ft_falls_back_on_the_logistic_regression_when_fine_tuning_ends_below
     assert max(ev["weights_moved"].values()) == 0.0  # the backbone as it started
 
 
+def test_lp_ft_keeps_fine_tuning_when_the_regression_wins_only_within_noise(make_config, capsys, monkeypatch):
+    """The same run, but the paired bootstrap finds the regression's lead within the noise of the validation rows
+    (it wins half the resamples): the fine-tuned model stays, eval.json records the comparison, and the guard's
+    warning says why the model it warns about was kept."""
+    from tunesmith.tasks.classification import ClassificationTask
+
+    calls = []
+
+    def half(self, metric, a, b, enc, seed):
+        calls.append((a.shape, b.shape, len(enc)))
+        return 0.5
+
+    monkeypatch.setattr(ClassificationTask, "share_better", half)
+    cfg = make_config(strategy={"name": "full", "lp_ft": True}, optim={"lr": 1e-9, "head_lr": 1e-9, "epochs": 1, "min_steps": 0},
+                      eval={"linear_probe": True})
+    ev = tunesmith.train(cfg).eval
+    out = capsys.readouterr().out
+    assert "kept_stage" not in ev and len(calls) == 1 and calls[0][0] == calls[0][1] == (calls[0][2], 2)
+    noise = ev["within_noise"]
+    assert len(noise) == 1 and noise[0]["share_better"] == 0.5 and noise[0]["validation_rows"] == ev["data"]["validation"]["rows"]
+    assert noise[0]["macro_f1"] > noise[0]["kept"] == pytest.approx(ev["validation_best"]["macro_f1"])
+    assert "within the noise of" in out and "kept the fine-tuned weights" in out and "kept the logistic regression" not in out
+    assert ev["after"]["macro_f1"] != pytest.approx(ev["linear_probe"]["macro_f1"], abs=1e-4)  # not the regression
+    assert ev["guard"]["worse"] and "wins only 50% of paired bootstrap resamples" in ev["guard"]["message"]
+
+
+def test_share_better_is_the_paired_bootstrap():
+    """Two models that differ on one row of 100 win about two thirds of the resamples (those that draw the row),
+    far from the 95% a replacement needs; a lead of 20 rows wins every one; identical outputs win none."""
+    import numpy as np
+    import torch
+
+    from tunesmith.tasks.classification import ClassificationTask
+
+    class Enc:
+        labels = torch.tensor([0, 1] * 50)
+
+        def __len__(self):
+            return 100
+
+    task = object.__new__(ClassificationTask)
+    task.labels, task.multi_label = ["a", "b"], False
+    right = np.eye(2, dtype=np.float32)[Enc.labels.numpy()]
+    one_off, many_off = right.copy(), right.copy()
+    one_off[0] = one_off[0, ::-1]
+    many_off[:20] = many_off[:20, ::-1]
+    share = task.share_better("accuracy", right, one_off, Enc(), seed=0)
+    assert 0.5 < share < 0.8
+    assert task.share_better("accuracy", right, many_off, Enc(), seed=0) == 1.0
+    assert task.share_better("macro_f1", right, right, Enc(), seed=0) == 0.0
+    assert task.share_better("loss", right, many_off, Enc(), seed=0) == 1.0  # lower is better
+    assert task.share_better("accuracy", right, one_off, Enc(), seed=0) == share  # seeded
+
+
 @pytest.mark.parametrize("before", [True, False])
 def test_lp_ft_probe_stage_leaves_the_test_split_to_the_baselines_and_times_its_stages(make_config, before, capsys):
     """The probe stage caches features of train and validation only: the test split's are computed when the

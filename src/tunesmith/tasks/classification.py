@@ -21,6 +21,7 @@ PROBE_START_MAX_ROWS = 20000  # the logistic-regression head fits on at most thi
 PROBE_START_C = (1.0, 0.1, 0.01)  # inverse regularization strengths tried for it (1.0 first: the linear probe's own)
 WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
 GUARD_FEW_ROWS = 50  # the guard's advice: below this many validation rows, a comparison is mostly noise
+RESAMPLES = 200  # paired bootstrap resamples of the validation rows when two models' scores are compared
 
 
 class ClassificationTask(Task):
@@ -67,6 +68,19 @@ class ClassificationTask(Task):
 
     def accumulator(self, enc: Any) -> Accumulator:
         return Accumulator(len(enc), len(self.labels), lambda logits: self.metrics(logits, enc.labels))
+
+    def share_better(self, metric: str, a: np.ndarray, b: np.ndarray, enc: Any, seed: int) -> float | None:
+        """The paired bootstrap (Koehn 2004; Berg-Kirkpatrick et al. 2012): the validation rows resampled with
+        replacement RESAMPLES times, both models scored on each resample; the share of resamples `a` wins.
+        A difference that one or two rows make wins about half of them; a real one, nearly all."""
+        if enc.labels is None or len(enc) == 0:
+            return None
+        rng, n, wins = np.random.default_rng(seed), len(enc), 0
+        for _ in range(RESAMPLES):
+            i = torch.from_numpy(rng.integers(0, n, n))
+            sa, sb = self.metrics(a[i.numpy()], enc.labels[i])[metric], self.metrics(b[i.numpy()], enc.labels[i])[metric]
+            wins += self.better(metric, sa, sb) and sa != sb
+        return wins / RESAMPLES
 
     def baseline(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> dict[str, Any]:
         """The starting model (its new head) on test and, from the same pass, the linear probe; both on
@@ -124,9 +138,7 @@ class ClassificationTask(Task):
 
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
         test = enc["test"]
-        acc = self.accumulator(test)
-        self.predict(model, test, acc, rt)
-        acc.merge(rt.gather)
+        acc = self.filled(model, test, rt)
         out: dict[str, Any] = {"after": acc.compute()}
         if not self.multi_label and test.labels is not None:
             out["mistakes"] = self.mistakes(acc.rows, test.labels.numpy())
@@ -169,6 +181,10 @@ class ClassificationTask(Task):
             tips = [] if self.config.strategy.name == "feature-extraction" else [
                 "strategy feature-extraction (its head is the linear probe's logistic regression)"]
             advice = "try " + ", ".join(tips + ["more steps (optim.min_steps)", "another learning rate (tunesmith lr-find)"])
+        noise = [c for c in ev.get("within_noise", []) if "logistic regression" in c["instead_of"]]
+        if noise:  # LP-FT weighed its logistic regression (the probe among its candidates) row by row: say so
+            advice = (f"the loop kept it because the logistic regression on the probe stage's features ({noise[0][metric]:.4f}) "
+                      f"wins only {noise[0]['share_better']:.0%} of paired bootstrap resamples of those rows: within noise; " + advice)
         message = (f"the fine-tuned model is worse on validation than {shown}: {metric} {tuned[metric]:.4f} against "
                    f"{best:.4f}{rows}; {advice}") if worse else ""
         return {"metric": metric, "tuned": tuned[metric], "baselines": baselines, "best_baseline": best_name,

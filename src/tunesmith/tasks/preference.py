@@ -365,11 +365,8 @@ class Preference(CausalLM):
                      f"in {seconds:.1f} s")
 
     def _reference_pass(self, model: nn.Module, enc: PrefEncoded, rt: Runtime) -> np.ndarray:
-        acc = self.accumulator(enc)
         with adapters_off(model):
-            self.predict(model, enc, acc, rt)
-        acc.merge(rt.gather)
-        return acc.rows[:, [P1, P2]].copy()
+            return self.filled(model, enc, rt).rows[:, [P1, P2]].copy()
 
     # -- evaluation ---------------------------------------------------------------------------
     def accumulator(self, enc: Any) -> Accumulator:
