@@ -181,10 +181,6 @@ class ClassificationTask(Task):
             tips = [] if self.config.strategy.name == "feature-extraction" else [
                 "strategy feature-extraction (its head is the linear probe's logistic regression)"]
             advice = "try " + ", ".join(tips + ["more steps (optim.min_steps)", "another learning rate (tunesmith lr-find)"])
-        noise = [c for c in ev.get("within_noise", []) if "logistic regression" in c["instead_of"]]
-        if noise:  # LP-FT weighed its logistic regression (the probe among its candidates) row by row: say so
-            advice = (f"the loop kept it because the logistic regression on the probe stage's features ({noise[0][metric]:.4f}) "
-                      f"wins only {noise[0]['share_better']:.0%} of paired bootstrap resamples of those rows: within noise; " + advice)
         message = (f"the fine-tuned model is worse on validation than {shown}: {metric} {tuned[metric]:.4f} against "
                    f"{best:.4f}{rows}; {advice}") if worse else ""
         return {"metric": metric, "tuned": tuned[metric], "baselines": baselines, "best_baseline": best_name,
