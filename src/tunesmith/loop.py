@@ -9,8 +9,7 @@
         build_optimizer AdamW and the schedule from the strategy's groups; resume restores them
         fit             epochs -> windows -> micro-batches; validation, checkpoints, early stopping
         restore_best    the weights of the best validation step
-        keep_better_stage   (a later stage) the previous stage's weights when they were better on validation,
-                            beyond the noise of its rows (a paired bootstrap)
+        keep_better_stage   (a later stage) the previous stage's weights when they were better on validation
     keep_fallback       (LP-FT) the probe stage's logistic regression when fine-tuning ended below it
     release_training_state  AdamW's moments, weight copies, gradients and kept buffers go before evaluating
     final_evaluation    the test set again, and the task's extras (forgetting, samples)
@@ -31,7 +30,6 @@ optimisation whatever the number of processes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import math
@@ -65,12 +63,6 @@ from tunesmith.report import make_console, moved_table, param_table, peak_rss_mb
 from tunesmith.strategies.base import ModelParts, Stage, count_params
 from tunesmith.strategies.guards import anchor_for
 from tunesmith.tasks.base import Runtime
-
-# An earlier stage replaces the model a later stage ended with only when it scores better on validation in this
-# share of paired bootstrap resamples of the validation rows (a one-sided test at 5%): on 100 rows a gap of one or
-# two predictions is noise, and keeping LP-FT's probe stage on it cost 2.8 points of test accuracy
-# (docs/strategies.md, "Stage choices within noise"). LP-FT's logistic-regression fallback counts any lead.
-KEEP_SHARE = 0.95
 
 
 @dataclass
@@ -797,55 +789,24 @@ class Recipe:
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors().items()}
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, t in self.state_tensors().items():
-                if n in weights:
-                    t.copy_(weights[n].to(t.device))
-
-    def clearly_better(self, install: Any, what: str, score: float) -> tuple[bool, float | None]:
-        """Whether the model that `install()` puts in place beats the one in place on validation by more than its
-        rows' noise: it must win KEEP_SHARE of the paired bootstrap resamples (`Task.share_better`; a task without
-        one compares the scores). Called when its score is the higher one. Returns (installed, the share): the
-        model installed, or the one in place put back (and why said, and recorded) when the share falls short."""
-        task, enc, metric = self.view.task, self.view.enc["validation"], self.cfg.train.metric
-        model = self.accelerator.unwrap_model(self.train_model)
-        mine, current = task.outputs(model, enc, self.rt), self.snapshot()
-        install()
-        share = task.share_better(metric, task.outputs(model, enc, self.rt), mine, enc, self.cfg.train.seed)
-        set_train_mode(self.train_model)
-        if share is None or share >= KEEP_SHARE:
-            return True, share
-        self.load_weights(current)
-        kept = self.state.best_metric
-        self.console.print(f"kept the fine-tuned weights: {what} scores {score:.4f} validation {metric} against their {kept:.4f}, "
-                           f"within the noise of {len(enc)} rows (it wins {share:.0%} of paired bootstrap resamples, "
-                           f"{KEEP_SHARE:.0%} needed)")
-        self.ev.setdefault("within_noise", []).append({"instead_of": what, metric: score, "kept": kept, "share_better": share,
-                                                       "validation_rows": len(enc)})
-        return False, share
-
     def keep_better_stage(self) -> None:
-        """When a stage ends below the stage before it on validation beyond the noise of its rows, the model goes
-        back to where the stage began."""
+        """When a stage ends below the stage before it on validation, the model goes back to where it began."""
         s, metric = self.state, self.cfg.train.metric
         best, step, start = self.previous
         if start is None or s.best_metric is None or not self.task.better(metric, best, s.best_metric) or best == s.best_metric:
             return
-        installed, share = self.clearly_better(functools.partial(self.load_weights, start), "the previous stage", best)
-        if not installed:
-            return
-        self.console.print(f"kept the previous stage: its validation {metric} {best:.4f} beats this stage's {s.best_metric:.4f}"
-                           + (f" (in {share:.0%} of paired bootstrap resamples)" if share is not None else ""))
-        self.ev["kept_stage"] = {"stage": s.stage - 1, metric: best, "instead_of": s.best_metric, "share_better": share}
+        with torch.no_grad():
+            for n, t in self.state_tensors().items():
+                if n in start:
+                    t.copy_(start[n].to(t.device))
+        self.console.print(f"kept the previous stage: its validation {metric} {best:.4f} beats this stage's {s.best_metric:.4f}")
+        self.ev["kept_stage"] = {"stage": s.stage - 1, metric: best, "instead_of": s.best_metric}
         s.best_metric, s.best_step = best, step
 
     def keep_fallback(self) -> None:
         """LP-FT: when the fine-tuned model ends below the logistic regression fitted on the probe stage's features
         (on validation), the model becomes that regression: the weights as the fine-tuning stage began, its head set
-        to the fit. So a run never ends below the linear probe it could have kept: unlike the choice of stage, this
-        one counts any lead (digits-2class, 24 validation rows: the regression's one-row lead was worth 4.5 points
-        of test accuracy)."""
+        to the fit. So a run never ends below the linear probe it could have kept."""
         s, metric = self.state, self.cfg.train.metric
         start = self.previous[2]
         if self.fallback is None or start is None or s.best_metric is None:
@@ -856,8 +817,10 @@ class Recipe:
         head = [p for g in self.groups if g.name == "head" for _, p in g.params]
         if sorted(tuple(p.shape) for p in head) != sorted([tuple(weight.shape), tuple(bias.shape)]):
             return  # a head that is not one linear layer (the fit does not fit it)
-        self.load_weights(start)
         with torch.no_grad():
+            for n, t in self.state_tensors().items():
+                if n in start:
+                    t.copy_(start[n].to(t.device))
             for p in head:
                 p.copy_((weight if p.ndim == 2 else bias).to(p))
         self.console.print(f"kept the logistic regression on the probe stage's features: its validation {metric} {score:.4f} "

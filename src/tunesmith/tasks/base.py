@@ -230,23 +230,10 @@ class Task:
 
     def evaluate(self, model: nn.Module, enc: Any, rt: Runtime, features: bool = False) -> tuple[dict[str, Any], np.ndarray | None]:
         """Metrics on one set (and pooled features per row, if asked); a collective under DDP."""
-        acc = self.filled(model, enc, rt, features)
-        return acc.compute(), acc.features
-
-    def outputs(self, model: nn.Module, enc: Any, rt: Runtime) -> np.ndarray:
-        """The per-row outputs (logits) on one set that its metrics are computed from; a collective under DDP."""
-        return self.filled(model, enc, rt).rows
-
-    def filled(self, model: nn.Module, enc: Any, rt: Runtime, features: bool = False) -> Accumulator:
         acc = self.accumulator(enc)
         self.predict(model, enc, acc, rt, features)
         acc.merge(rt.gather)
-        return acc
-
-    def share_better(self, metric: str, a: np.ndarray, b: np.ndarray, enc: Any, seed: int) -> float | None:
-        """In what share of bootstrap resamples of the rows outputs `a` score better than `b` on `metric`;
-        None where the task has no per-row comparison (the scores are then compared as they are)."""
-        return None
+        return acc.compute(), acc.features
 
     def smallest_class(self, train: Any) -> int | None:
         """Training rows of the rarest class (`auto` reads it); None for tasks without classes."""

@@ -21,7 +21,6 @@ PROBE_START_MAX_ROWS = 20000  # the logistic-regression head fits on at most thi
 PROBE_START_C = (1.0, 0.1, 0.01)  # inverse regularization strengths tried for it (1.0 first: the linear probe's own)
 WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
 GUARD_FEW_ROWS = 50  # the guard's advice: below this many validation rows, a comparison is mostly noise
-RESAMPLES = 200  # paired bootstrap resamples of the validation rows when two models' scores are compared
 
 
 class ClassificationTask(Task):
@@ -68,19 +67,6 @@ class ClassificationTask(Task):
 
     def accumulator(self, enc: Any) -> Accumulator:
         return Accumulator(len(enc), len(self.labels), lambda logits: self.metrics(logits, enc.labels))
-
-    def share_better(self, metric: str, a: np.ndarray, b: np.ndarray, enc: Any, seed: int) -> float | None:
-        """The paired bootstrap (Koehn 2004; Berg-Kirkpatrick et al. 2012): the validation rows resampled with
-        replacement RESAMPLES times, both models scored on each resample; the share of resamples `a` wins.
-        A difference that one or two rows make wins about half of them; a real one, nearly all."""
-        if enc.labels is None or len(enc) == 0:
-            return None
-        rng, n, wins = np.random.default_rng(seed), len(enc), 0
-        for _ in range(RESAMPLES):
-            i = torch.from_numpy(rng.integers(0, n, n))
-            sa, sb = self.metrics(a[i.numpy()], enc.labels[i])[metric], self.metrics(b[i.numpy()], enc.labels[i])[metric]
-            wins += self.better(metric, sa, sb) and sa != sb
-        return wins / RESAMPLES
 
     def baseline(self, model: nn.Module, enc: dict[str, Any], rt: Runtime) -> dict[str, Any]:
         """The starting model (its new head) on test and, from the same pass, the linear probe; both on
@@ -138,7 +124,9 @@ class ClassificationTask(Task):
 
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
         test = enc["test"]
-        acc = self.filled(model, test, rt)
+        acc = self.accumulator(test)
+        self.predict(model, test, acc, rt)
+        acc.merge(rt.gather)
         out: dict[str, Any] = {"after": acc.compute()}
         if not self.multi_label and test.labels is not None:
             out["mistakes"] = self.mistakes(acc.rows, test.labels.numpy())

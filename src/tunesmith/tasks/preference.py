@@ -365,8 +365,11 @@ class Preference(CausalLM):
                      f"in {seconds:.1f} s")
 
     def _reference_pass(self, model: nn.Module, enc: PrefEncoded, rt: Runtime) -> np.ndarray:
+        acc = self.accumulator(enc)
         with adapters_off(model):
-            return self.filled(model, enc, rt).rows[:, [P1, P2]].copy()
+            self.predict(model, enc, acc, rt)
+        acc.merge(rt.gather)
+        return acc.rows[:, [P1, P2]].copy()
 
     # -- evaluation ---------------------------------------------------------------------------
     def accumulator(self, enc: Any) -> Accumulator:
