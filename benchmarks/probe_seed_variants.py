@@ -3,6 +3,7 @@ validation curve, then the mean and spread. The variants the robust-defaults iss
 (docs/strategies.md, "Targets ... not met"):
 
     .venv/bin/python benchmarks/probe_seed_variants.py                               # auto at its defaults
+    .venv/bin/python benchmarks/probe_seed_variants.py --set strategy.soup=1         # one fine-tuning run, no model soup
     .venv/bin/python benchmarks/probe_seed_variants.py --ema 0.95                    # weight EMA, validated and kept
     .venv/bin/python benchmarks/probe_seed_variants.py --set train.metric=loss       # best step by validation loss
     .venv/bin/python benchmarks/probe_seed_variants.py --set eval.every_epoch=false  # the last weights

@@ -85,7 +85,12 @@ def test_lp_ft_fits_the_head_on_cached_features_first_and_keeps_the_better_stage
     res = tunesmith.train(make_config(strategy={**strategy, "lp_ft": True}, optim={"epochs": 4}))
     ev, out = res.eval, capsys.readouterr().out
     assert "stage 1/2: linear probe" in out and "stage 2/2: fine-tune" in out
-    assert [o["strategy"] for o in ev["optimizer"]] == ["feature-extraction", strategy["name"]]
+    from tunesmith.config import StrategyConfig
+
+    rows = ev["data"]["train"]["rows"]  # strategy.soup auto by rows; LoRA's factors do not average
+    members = StrategyConfig(name="full").soup_runs(rows) if strategy["name"] == "full" else 1
+    assert ev.get("soup", {"members": 1})["members"] == members
+    assert [o["strategy"] for o in ev["optimizer"]] == ["feature-extraction"] + [strategy["name"]] * members
     assert ev["optimizer"][0]["lr"] == 1e-2 and ev["features"]["pooling"] == "head"
     evals = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     probe_best = max(e["macro_f1"] for e in evals if e["step"] <= ev["optimizer"][0]["steps"])
@@ -93,6 +98,55 @@ def test_lp_ft_fits_the_head_on_cached_features_first_and_keeps_the_better_stage
     if strategy["name"] == "full":  # the tiny random model gives LoRA and a probe nothing to work with
         assert ev["after"]["accuracy"] > ev["before"]["accuracy"]
     assert (res.run_dir / "model" / "model.safetensors").exists()
+
+
+def test_soup_is_the_mean_of_the_fine_tuning_runs_best_weights(make_config, capsys):
+    """strategy.soup: k runs of the fine-tuning stage from the same start (the random streams run on: other
+    batches and dropout), each restored to its best validation weights; the model validated as the stage's
+    result is their mean."""
+    import torch
+
+    from tunesmith.loop import run
+    from tunesmith.observers import Observer
+
+    bests, validated = [], []
+
+    class Watch(Observer):
+        def fit_end(self, run):
+            if run.state.stage == 1:
+                bests.append({n: t.clone() for n, t in run.best_state.items()})
+
+        def validation_end(self, run, metrics, improved):
+            if run.state.stage == 1:
+                validated.append((metrics["macro_f1"], {n: t.detach().clone() for n, t in run.state_tensors(moving=True).items()}))
+
+    cfg = tunesmith.load_config(make_config(strategy={"name": "full", "lp_ft": True, "soup": 3}, optim={"epochs": 4}))
+    ev, out = run(cfg, observers=[Watch()]).eval, capsys.readouterr().out
+    assert ev["soup"]["members"] == 3 and len(ev["soup"]["member_macro_f1"]) == 3 and len(bests) == 3
+    assert "model soup: fine-tuning run 3/3" in out and "model soup of 3 fine-tuning runs" in out
+    probe, tune = ev["optimizer"][0]["steps"], ev["optimizer"][1]["steps"]
+    assert ev["train"]["steps"] == probe + 3 * tune
+    assert any(not torch.equal(bests[0][n], bests[1][n]) for n in bests[0])  # the runs differ
+    score, soup = validated[-1]  # the last validation of the stage: the soup's
+    assert score == pytest.approx(ev["soup"]["macro_f1"]) and soup.keys() == bests[0].keys()
+    # against the probe stage and the fallback the stage counts as the best of its runs and the soup
+    assert ev["soup"]["stage_score"] == pytest.approx(max(ev["soup"]["member_macro_f1"] + [score]))
+    for n, t in soup.items():
+        torch.testing.assert_close(t, sum(b[n] for b in bests) / 3, atol=1e-6, rtol=1e-6)
+    one = tunesmith.train(make_config(strategy={"name": "full", "lp_ft": True, "soup": 1}, optim={"epochs": 4},
+                                      overwrite=True), quiet=True).eval
+    assert "soup" not in one and one["train"]["steps"] == probe + tune
+
+
+def test_soup_auto_runs_three_from_300_to_2000_training_rows_and_rejects_zero(make_config):
+    from tunesmith.config import StrategyConfig
+
+    auto = StrategyConfig(name="full")
+    assert [auto.soup_runs(n) for n in (120, 299, 300, 1999, 2000, 10_000)] == [1, 1, 3, 3, 1, 1]
+    assert StrategyConfig(name="full", soup=2).soup_runs(10_000) == 2
+    for bad in (0, -1, True):
+        with pytest.raises(tunesmith.UserError, match="soup"):
+            tunesmith.train(make_config(strategy={"name": "full", "soup": bad}), quiet=True)
 
 
 def test_a_fitted_probe_is_one_linear_layer_on_the_raw_features():

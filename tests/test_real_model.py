@@ -34,9 +34,11 @@ def config(rotten, out, **strategy):
 
 @pytest.mark.ci
 def test_minilm_full_fine_tuning_beats_its_starting_point(rotten, tmp_path, capsys):
-    res = tunesmith.train(config(rotten, tmp_path / "run"))
+    # 540 training rows: LP-FT, then a soup of 3 fine-tuning runs (strategy.soup auto), each one epoch
+    res = tunesmith.train({**config(rotten, tmp_path / "run"), "optim": {"lr": 1e-4, "epochs": 1, "batch_size": 16, "min_steps": 0}})
     out = capsys.readouterr().out
     ev = res.eval
+    assert ev["soup"]["members"] == 3 and "model soup of 3 fine-tuning runs" in out
     # the checkpoint has BERT's pooler: only the classifier is new; a sentence-transformers model
     # classifies from the mean token, so the pooler (384 x 384 + 384) is replaced by the mean
     assert "head: new 2-way head (classifier.weight, classifier.bias)" in out

@@ -235,3 +235,28 @@ def test_resumed_fine_tuning_stage_still_falls_back_to_the_probe_stage(tmp_path,
     assert {k: v for k, v in got.items() if k != "stage"} == pytest.approx({k: v for k, v in kept.items() if k != "stage"}, rel=1e-6)
     for k, v in final(plain).items():
         torch.testing.assert_close(final(d)[k], v, atol=1e-6, rtol=0, msg=f"{k} differs after resume")
+
+
+def test_resume_in_a_later_soup_run_gives_the_uninterrupted_soup(tmp_path, resume_config):
+    """strategy.soup: killed in the second fine-tuning run, the resumed run must know where the stage began,
+    the first run's best weights (the soup's sum, in the checkpoint) and its score, and end with the
+    uninterrupted run's averaged weights."""
+    def cfg(out):
+        return resume_config(out, strategy={"name": "full", "lp_ft": True, "soup": 2, "replay": None}, optim={"epochs": 2})
+
+    proc, plain = work(tmp_path, cfg(tmp_path / "plain"), name="plain")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    soup = json.loads((tmp_path / "plain" / "eval.json").read_text())["soup"]
+    assert soup["members"] == 2
+    out = tmp_path / "run"
+    proc, _ = work(tmp_path, cfg(out), env={"KILL_AT_CALL": "29"})  # step 30: the second run (steps 25-36), after step 28's checkpoint
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    saved = json.loads(max((out / "checkpoints").glob("step-*/state.json")).read_text())
+    assert saved["member"] == 1 and len(saved["member_scores"]) == 1
+    proc, d = work(tmp_path, cfg(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((out / "eval.json").read_text())["soup"]
+    assert got["members"] == 2 and got["member_macro_f1"] == pytest.approx(soup["member_macro_f1"], rel=1e-6)
+    assert got["macro_f1"] == pytest.approx(soup["macro_f1"], rel=1e-6)
+    for k, v in final(plain).items():
+        torch.testing.assert_close(final(d)[k], v, atol=1e-6, rtol=0, msg=f"{k} differs after resume")

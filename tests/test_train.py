@@ -158,5 +158,9 @@ def test_epoch_checkpoints_skip_the_runs_last_epoch(make_config, monkeypatch):
     per_epoch = ev["train"]["steps"] // 3
     assert saved == [(0, per_epoch), (0, 2 * per_epoch)]
     saved.clear()
-    ev = tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy={"name": "full", "lp_ft": True}, overwrite=True)).eval
+    lp_ft = {"name": "full", "lp_ft": True, "soup": 1}
+    tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy=lp_ft, overwrite=True))
     assert [stage for stage, _ in saved] == [0, 0, 1]  # both probe-stage epochs, the first fine-tuning epoch
+    saved.clear()
+    tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy={**lp_ft, "soup": 2}, overwrite=True))
+    assert [stage for stage, _ in saved] == [0, 0, 1, 1, 1]  # a soup's first run is not the last: both its epochs

@@ -79,12 +79,13 @@ def _fsync_dir(path: Path) -> None:
 def save(out: Path, step: int, weights: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None,
          optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int, best_step: int | None,
          rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
-         stage_start: dict[str, torch.Tensor] | None = None) -> Path:
+         stage_start: dict[str, torch.Tensor] | None = None, soup: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint atomically; prune to the newest `keep` plus the best one.
 
     `rng` holds every process's RNG state in rank order (gathered by the caller); without it, this
     process's own. `stage_start`: the model as this stage began, when the stage must beat the one
-    before it (LP-FT's fine-tuning): a resumed run can still go back to it."""
+    before it (LP-FT's fine-tuning): a resumed run can still go back to it. `soup`: the summed best weights of
+    the stage's finished fine-tuning runs (strategy.soup)."""
     from safetensors.torch import save_file
 
     root = out / DIR
@@ -95,7 +96,7 @@ def save(out: Path, step: int, weights: dict[str, torch.Tensor], best: dict[str,
     tmp.mkdir()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-        for name, tensors in (("best", best), ("stage_start", stage_start)):
+        for name, tensors in (("best", best), ("stage_start", stage_start), ("soup", soup)):
             if tensors is not None:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -155,6 +156,7 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
         "weights": load_file(str(path / "weights.safetensors")),
         "best": load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None,
         "stage_start": load_file(str(path / "stage_start.safetensors")) if (path / "stage_start.safetensors").exists() else None,
+        "soup": load_file(str(path / "soup.safetensors")) if (path / "soup.safetensors").exists() else None,
         "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         "rng_tensors": load_file(str(path / ("rng.safetensors" if own == 0 else f"rng-rank{own}.safetensors"))),
         "rng_world": len(ranks),

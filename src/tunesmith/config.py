@@ -49,6 +49,10 @@ class ReplayConfig(_Section):
 GUARDS = ("l2sp", "replay")
 
 
+# strategy.soup: auto: 3 runs from 300 up to 2,000 training rows (measured in docs/strategies.md)
+SOUP_AUTO_RUNS, SOUP_AUTO_MIN_ROWS, SOUP_AUTO_MAX_ROWS = 3, 300, 2000
+
+
 class StrategyConfig(_Section):
     """The `strategy:` section. Besides the keys below, each strategy reads keys of its own, declared
     as its `Options` model (`tunesmith strategies` lists them): `train_last_n` for freeze, `lora.r`
@@ -68,6 +72,27 @@ class StrategyConfig(_Section):
         "the fine-tuned stage is kept only if it beats the probe stage on validation, and the logistic regression fitted on the probe "
         "stage's features is kept instead where it beats both."
     )
+    soup: int | Literal["auto"] = Field(
+        "auto", description="LP-FT's fine-tuning stage trained this many times from the same start (each with its own data "
+        "order and dropout), the members' best weights averaged into one model (a uniform model soup, Wortsman et al. 2022), "
+        "then validated and guarded as the stage's result. auto: 3 from 300 up to 2,000 training rows, where fine-tuning is "
+        "the 150-step floor and its outcome varies most from run to run; else 1 (below 300 rows the runs' best steps, picked "
+        "on a validation set of a few dozen rows, are too far apart to average). Not for lora (its two factors do not average) or "
+        "gradual-unfreeze (a later run would start with every block unfrozen)."
+    )
+
+    def soup_runs(self, n_train: int) -> int:
+        """`soup` as a number of fine-tuning runs: auto is 3 from 300 up to 2,000 training rows (docs/strategies.md), else 1."""
+        if self.soup == "auto":
+            return SOUP_AUTO_RUNS if SOUP_AUTO_MIN_ROWS <= n_train < SOUP_AUTO_MAX_ROWS else 1
+        return self.soup
+
+    @field_validator("soup", mode="before")
+    @classmethod
+    def _soup(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{v!r}: must be a whole number of fine-tuning runs, 1 or more (1: no soup), or auto")
+        return v
 
     @field_validator("name")
     @classmethod

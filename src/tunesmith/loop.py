@@ -9,6 +9,7 @@
         build_optimizer AdamW and the schedule from the strategy's groups; resume restores them
         fit             epochs -> windows -> micro-batches; validation, checkpoints, early stopping
         restore_best    the weights of the best validation step
+        soup            (LP-FT, small data) the stage again from its start, the members' best weights averaged
         keep_better_stage   (a later stage) the previous stage's weights when they were better on validation
     keep_fallback       (LP-FT) the probe stage's logistic regression when fine-tuning ended below it
     release_training_state  AdamW's moments, weight copies, gradients and kept buffers go before evaluating
@@ -39,7 +40,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ from tunesmith.report import make_console, moved_table, param_table, peak_rss_mb
 from tunesmith.strategies.base import ModelParts, Stage, count_params
 from tunesmith.strategies.guards import anchor_for
 from tunesmith.tasks.base import Runtime
+
+SOUP_SEED_STEP = 7919  # run m of a soup orders its batches with train.seed + m * this (run 0: as without a soup)
 
 
 @dataclass
@@ -99,6 +102,8 @@ class RunState:
     replay: dict[str, Any] | None = None  # the replay sampler as it was when this epoch's batches were drawn
     stop: bool = False  # set by an observer (early stopping) or the step budget
     stopped_early: bool = False
+    member: int = 0  # strategy.soup: which fine-tuning run of the stage is in progress (from 0)
+    member_scores: list[float] = field(default_factory=list)  # the finished members' best validation values
 
 
 def preflight(cfg: Config, keep_going: bool = False) -> tuple[Any, Any, Any]:
@@ -176,6 +181,8 @@ class Recipe:
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
         # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
         self.fallback: tuple[float, Any] | None = None
+        self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' best weights, summed
+        self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
         self.fast_ops_said = False
         self.n_stages = 1  # set by the recipe
         self.opened = False
@@ -221,6 +228,7 @@ class Recipe:
                 self.build_optimizer()
                 self.fit()
                 self.restore_best()
+                self.soup()
                 self.keep_better_stage()
         self.keep_fallback()
         self.pause_stages_clock()
@@ -410,7 +418,13 @@ class Recipe:
         # a later stage must beat the one before on validation to be kept: remember where it starts
         comparable = i > 0 and s.best_metric is not None and self.stage.compare_previous
         self.previous = (s.best_metric, s.best_step, self.snapshot() if comparable else None)
-        s.stage, s.epoch, s.window, s.replay = i, 1, 0, None
+        s.stage, s.member, s.member_scores = i, 0, []
+        self.start_fit_state()
+
+    def start_fit_state(self) -> None:
+        """What one fit of a stage counts starts afresh: its epochs, best weights and early stopping."""
+        s = self.state
+        s.epoch, s.window, s.replay = 1, 0, None
         s.best_metric, s.best_step, s.evals_without_gain, s.stop, s.stopped_early = None, 0, 0, False, False
         self.best_state = None
 
@@ -457,8 +471,9 @@ class Recipe:
         return epochs, min(total, o.max_steps) if o.max_steps else total
 
     def restore_checkpoint(self) -> None:
-        if self.resume_from is None or self.saved.get("stage", 0) != self.state.stage:
+        if self.resume_from is None or self.restored or self.saved.get("stage", 0) != self.state.stage:
             return
+        self.restored = True  # a soup's later members start afresh
         resumed = checkpoint.load(self.resume_from, self.rank)
         st = resumed["state"]
         if resumed["rng_world"] != self.world:
@@ -469,6 +484,7 @@ class Recipe:
             for n, t in resumed["weights"].items():
                 named[n].copy_(t.to(named[n].device))
         self.best_state = resumed["best"]
+        self.soup_sum = resumed["soup"]
         if resumed["stage_start"] is not None:  # this stage must still beat the one before it
             self.previous = (*st["previous"], resumed["stage_start"])
         self.optimizer.load_state_dict(resumed["optimizer"])
@@ -544,9 +560,9 @@ class Recipe:
             self.t0 = None
 
     def training_continues(self) -> bool:
-        """Whether optimizer steps remain after this point: a later stage, or steps left in this one."""
+        """Whether optimizer steps remain after this point: a later stage, a later run of a soup, or steps left in this one."""
         s = self.state
-        return s.stage < self.n_stages - 1 or not (s.stop or s.step >= self.last_step)
+        return s.stage < self.n_stages - 1 or s.member < self.soup_size() - 1 or not (s.stop or s.step >= self.last_step)
 
     def stages_time_now(self) -> float:
         """The stages' wall time so far, the running stretch included."""
@@ -570,8 +586,9 @@ class Recipe:
             self.pending_replay = None
         s.replay = {"rng": self.replay_rng.bit_generator.state, "order": list(self.replay_order), "seen": self.replay_seen}
         n_train = len(self.view.enc["train"])
-        batches = make_batches(self.view.enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                               group_by_length=cfg.train.group_by_length)
+        # a model soup's later runs (strategy.soup) draw other batch orders
+        batches = make_batches(self.view.enc["train"].lengths, cfg.optim.batch_size, seed=cfg.train.seed + SOUP_SEED_STEP * s.member,
+                               epoch=epoch, group_by_length=cfg.train.group_by_length)
         if self.world > 1:  # every process must step together: drop a final batch too small to split
             batches = [b for b in batches if len(b) >= self.world]
         if self.replay is None:
@@ -727,7 +744,8 @@ class Recipe:
                  "scheduler": self.scheduler.state_dict(), "config": self.user_config, "lr": self.lr,
                  "lr_find": self.found, "stage_first_step": self.stage.first_step}
         path = checkpoint.save(self.out, s.step, self.state_tensors(moving=True), self.best_state, self.optimizer, state,
-                               self.cfg.train.keep_checkpoints, s.best_step, rng=rng, stage_start=self.previous[2])
+                               self.cfg.train.keep_checkpoints, s.best_step, rng=rng, stage_start=self.previous[2],
+                               soup=self.soup_sum)
         self.events.checkpoint(self, path)
         return path
 
@@ -778,6 +796,68 @@ class Recipe:
         if s.stopped_early or s.best_step != s.step:
             self.console.print(f"restored the best weights (step {s.best_step}, validation {self.cfg.train.metric} "
                                f"{s.best_metric:.4f})")
+
+    def soup_size(self) -> int:
+        """How many fine-tuning runs of this stage are averaged (strategy.soup; 1: none)."""
+        if self.previous[2] is None or not self.stage.strategy.averages:  # no shared start, or weights that do not average
+            return 1
+        return self.cfg.strategy.soup_runs(len(self.view.enc["train"]))
+
+    def soup(self) -> None:
+        """A uniform model soup (Wortsman et al., ICML 2022): the stage is trained again from the same start,
+        each member with its own batch order and dropout (the random streams run on), and the members' best
+        weights are averaged. On small data one fine-tuning run's outcome swings by points with the seed;
+        the average of runs from one start lies in the same basin and beats the runs' mean. The soup is the
+        stage's model; against the stage before and the fallback it counts as the best of its runs and itself."""
+        k, start, s = self.soup_size(), self.previous[2], self.state
+        if k < 2:
+            return
+        while True:
+            self.add_member()
+            if s.member == k:
+                break
+            if s.member == 1:
+                self.console.print(f"model soup (strategy.soup={self.cfg.strategy.soup}, {len(self.view.enc['train'])} training "
+                                   f"rows): {k} fine-tuning runs from the same start, their best weights averaged; 1: one run")
+            self.console.print(f"model soup: fine-tuning run {s.member + 1}/{k} from the stage's start, its own batch order")
+            with torch.no_grad():
+                for n, t in self.state_tensors().items():
+                    if n in start:
+                        t.copy_(start[n].to(t.device))
+            self.start_fit_state()
+            self.build_optimizer()
+            self.fit()
+            self.restore_best()
+        with torch.no_grad():
+            for n, t in self.state_tensors(moving=True).items():
+                t.copy_((self.soup_sum[n] / k).to(t))
+        self.soup_sum = None
+        s.best_metric = None  # the soup is the stage's result, whatever its members scored
+        self.validate()
+        metric, soup_score = self.cfg.train.metric, s.best_metric
+        # Against the stage before and the fallback, the stage counts as its best run, as it would without a soup:
+        # each run's score is the best of many validation passes, the soup's is one, so on a small validation set
+        # the soup reads lower than its runs while it does better on held-out rows (docs/strategies.md).
+        for v in s.member_scores:
+            if v is not None and self.task.better(metric, v, s.best_metric):
+                s.best_metric = v
+        self.ev["soup"] = {"members": k, f"member_{metric}": s.member_scores, metric: soup_score, "stage_score": s.best_metric}
+        runs = ", ".join("-" if v is None else f"{v:.4f}" for v in s.member_scores)
+        self.console.print(f"model soup of {k} fine-tuning runs: validation {metric} {soup_score:.4f} (the runs' best: {runs}; "
+                           f"the stage counts as {s.best_metric:.4f} against the probe stage; strategy.soup=1: one run)")
+
+    def add_member(self) -> None:
+        """The finished member's best weights (restored) join the soup's sum."""
+        s = self.state
+        with torch.no_grad():
+            moving = {n: t.detach().to("cpu", torch.float32) for n, t in self.state_tensors(moving=True).items()}
+            if self.soup_sum is None:
+                self.soup_sum = {n: t.clone() for n, t in moving.items()}
+            else:
+                for n, t in moving.items():
+                    self.soup_sum[n].add_(t)
+        s.member_scores.append(s.best_metric)
+        s.member += 1
 
     def state_tensors(self, moving: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter and floating buffer (batch-norm statistics move in training too); `moving`: only the

@@ -81,7 +81,7 @@ def choose(cfg: Any, parts: ModelParts, n_train: int, device: torch.device, smal
 def _for(name: str, raw: dict[str, Any]) -> dict[str, Any]:
     """`raw` with name set and only the keys the named strategy reads (plus the common ones)."""
     own = set(STRATEGIES.get(name).Options.model_fields)
-    common = {"name", "l2sp", "replay", "reason", "lp_ft"}
+    common = {"name", "l2sp", "replay", "reason", "lp_ft", "soup"}
     return {k: v for k, v in {**raw, "name": name}.items() if k in own | common}
 
 

@@ -122,6 +122,7 @@ class BaseStrategy:
     trains_backbone = True  # False: pre-trained weights never move (no l2sp, no weight-moved report)
     needs_new_head = False  # True: only for tasks whose model gets a new head (Task.new_head)
     probe_first = False  # True: with strategy.lp_ft, a linear-probe stage on cached features comes first
+    averages = True  # its trained weights average into a working model (strategy.soup); False: LoRA's factors
     guards: ClassVar[frozenset[str]] = frozenset({"l2sp", "replay"})  # forgetting guards that make sense here
     no_guard_reason = ""  # why a guard not in `guards` does nothing with this strategy
 

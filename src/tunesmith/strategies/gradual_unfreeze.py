@@ -36,6 +36,7 @@ class GradualUnfreeze(BaseStrategy):
     Options = GradualUnfreezeOptions
     probe_first = True
     needs_new_head = True  # it starts from the new head alone
+    averages = False  # no model soup: a second run would start with every block already unfrozen
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
         layers = parts.layers

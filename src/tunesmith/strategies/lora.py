@@ -144,6 +144,7 @@ class Lora(BaseStrategy):
     trains_backbone = False
     guards = frozenset({"replay"})
     probe_first = True
+    averages = False  # the mean of B and of A is not the mean of B @ A: no model soup
     no_guard_reason = "LoRA leaves the pre-trained weights unchanged"
 
     def apply(self, parts: ModelParts) -> list[ParamGroup]:
