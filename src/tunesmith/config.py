@@ -75,7 +75,7 @@ class StrategyConfig(_Section):
     soup: int | Literal["auto"] = Field(
         "auto", description="LP-FT's fine-tuning stage trained this many times from the same start (each with its own data "
         "order and dropout), the members' best weights averaged into one model (a uniform model soup, Wortsman et al. 2022), "
-        "then validated and guarded as the stage's result. auto: 3 from 300 up to 2,000 training rows, where fine-tuning is "
+        "validated as the stage's result, which counts as its best run against the probe stage and the fallback. auto: 3 from 300 up to 2,000 training rows, where fine-tuning is "
         "the 150-step floor and its outcome varies most from run to run; else 1 (below 300 rows the runs' best steps, picked "
         "on a validation set of a few dozen rows, are too far apart to average). Not for lora (its two factors do not average) or "
         "gradual-unfreeze (a later run would start with every block unfrozen)."

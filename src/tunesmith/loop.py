@@ -789,10 +789,7 @@ class Recipe:
         s = self.state
         if self.best_state is None:
             return
-        with torch.no_grad():
-            for n, t in self.state_tensors(moving=True).items():
-                if n in self.best_state:
-                    t.copy_(self.best_state[n].to(t.device))
+        self.load_weights(self.best_state, moving=True)
         if s.stopped_early or s.best_step != s.step:
             self.console.print(f"restored the best weights (step {s.best_step}, validation {self.cfg.train.metric} "
                                f"{s.best_metric:.4f})")
@@ -820,17 +817,12 @@ class Recipe:
                 self.console.print(f"model soup (strategy.soup={self.cfg.strategy.soup}, {len(self.view.enc['train'])} training "
                                    f"rows): {k} fine-tuning runs from the same start, their best weights averaged; 1: one run")
             self.console.print(f"model soup: fine-tuning run {s.member + 1}/{k} from the stage's start, its own batch order")
-            with torch.no_grad():
-                for n, t in self.state_tensors().items():
-                    if n in start:
-                        t.copy_(start[n].to(t.device))
+            self.load_weights(start)
             self.start_fit_state()
             self.build_optimizer()
             self.fit()
             self.restore_best()
-        with torch.no_grad():
-            for n, t in self.state_tensors(moving=True).items():
-                t.copy_((self.soup_sum[n] / k).to(t))
+        self.load_weights({n: v / k for n, v in self.soup_sum.items()}, moving=True)
         self.soup_sum = None
         s.best_metric = None  # the soup is the stage's result, whatever its members scored
         self.validate()
@@ -866,6 +858,13 @@ class Recipe:
         params = self.trainable_params if moving else model.named_parameters()
         return {**{n: b for n, b in model.named_buffers() if b.is_floating_point()}, **dict(params)}
 
+    def load_weights(self, weights: dict[str, torch.Tensor], moving: bool = False) -> None:
+        """Copy CPU weights (the best step's, the stage's start, a soup's mean) into the model's tensors of those names."""
+        with torch.no_grad():
+            for n, t in self.state_tensors(moving).items():
+                if n in weights:
+                    t.copy_(weights[n].to(t.device))
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors().items()}
 
@@ -875,10 +874,7 @@ class Recipe:
         best, step, start = self.previous
         if start is None or s.best_metric is None or not self.task.better(metric, best, s.best_metric) or best == s.best_metric:
             return
-        with torch.no_grad():
-            for n, t in self.state_tensors().items():
-                if n in start:
-                    t.copy_(start[n].to(t.device))
+        self.load_weights(start)
         self.console.print(f"kept the previous stage: its validation {metric} {best:.4f} beats this stage's {s.best_metric:.4f}")
         self.ev["kept_stage"] = {"stage": s.stage - 1, metric: best, "instead_of": s.best_metric}
         s.best_metric, s.best_step = best, step
@@ -897,10 +893,8 @@ class Recipe:
         head = [p for g in self.groups if g.name == "head" for _, p in g.params]
         if sorted(tuple(p.shape) for p in head) != sorted([tuple(weight.shape), tuple(bias.shape)]):
             return  # a head that is not one linear layer (the fit does not fit it)
+        self.load_weights(start)
         with torch.no_grad():
-            for n, t in self.state_tensors().items():
-                if n in start:
-                    t.copy_(start[n].to(t.device))
             for p in head:
                 p.copy_((weight if p.ndim == 2 else bias).to(p))
         self.console.print(f"kept the logistic regression on the probe stage's features: its validation {metric} {score:.4f} "
