@@ -16,4 +16,7 @@ rank = dist.get_rank() if dist.is_initialized() else 0
 world = dist.get_world_size() if dist.is_initialized() else 1
 state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
 save_file(state, str(out / f"rank{rank}.safetensors"))
-(out / f"rank{rank}.json").write_text(json.dumps({"world": world, "steps": result.eval["train"]["steps"]}))
+info = {"world": world, "steps": result.eval["train"]["steps"]}
+if "soup" in result.eval:
+    info["soup"] = result.eval["soup"]["members"]
+(out / f"rank{rank}.json").write_text(json.dumps(info))

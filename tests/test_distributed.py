@@ -25,7 +25,10 @@ def free_port() -> int:
     {"name": "full"},
     # blocks join every 3 steps: DDP must be re-wrapped so the new weights are all-reduced too
     {"name": "gradual-unfreeze", "unfreeze_every": 3, "freeze_embeddings": False},
-], ids=["full", "gradual-unfreeze"])
+    # LP-FT's probe stage on cached features, then a soup of two fine-tuning runs: every process must draw
+    # the same batch order for each run and average the same weights
+    {"name": "full", "lp_ft": True, "soup": 2},
+], ids=["full", "gradual-unfreeze", "lp-ft-soup"])
 def test_two_processes_match_each_other_and_one_process(make_config, tmp_path, strategy):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
     results = {}
@@ -44,7 +47,12 @@ def test_two_processes_match_each_other_and_one_process(make_config, tmp_path, s
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = out
     info = [json.loads((results[2] / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [i["world"] for i in info] == [2, 2] and info[0]["steps"] == info[1]["steps"] == 12
+    one = json.loads((results[1] / "rank0.json").read_text())
+    assert [i["world"] for i in info] == [2, 2] and info[0]["steps"] == info[1]["steps"] == one["steps"]
+    if strategy.get("soup"):  # the probe stage's steps, then two fine-tuning runs of 12
+        assert info[0]["soup"] == one["soup"] == 2 and one["steps"] > 2 * 12
+    else:
+        assert one["steps"] == 12 and "soup" not in one
     r0, r1 = (load_file(str(results[2] / f"rank{r}.safetensors")) for r in (0, 1))
     single = load_file(str(results[1] / "rank0.safetensors"))
     for k in r0:
