@@ -202,6 +202,20 @@ def test_gradual_unfreeze_run(make_config, tiny_model_dir):
     assert res.eval["parameters"]["trainable_at_end"] == HEAD + 2 * BLOCK + NECK
 
 
+def test_gradual_unfreeze_after_lp_ft_counts_steps_from_its_own_stage(make_config, capsys):
+    """After LP-FT's probe stage the run's step count is well past unfreeze_every: the fine-tuning stage must
+    still start from the head alone and unfreeze a block every N of its own steps."""
+    every = 5
+    res = tunesmith.train(make_config(strategy={"name": "gradual-unfreeze", "unfreeze_every": every, "lp_ft": True},
+                                      optim={"epochs": 2, "lr": 3e-3}), quiet=False)
+    probe, tune = (o["steps"] for o in res.eval["optimizer"])
+    assert probe >= 2 * every and tune > every  # counted from the run's start, every block would join at once
+    out = capsys.readouterr().out
+    assert f"unfroze block 1 and the neck after {every} step(s) of this stage" in out
+    joined = min((tune - 1) // every, 2)
+    assert res.eval["parameters"]["trainable_at_end"] == HEAD + joined * BLOCK + (NECK if joined else 0)
+
+
 # -- LoRA ------------------------------------------------------------------------------------------
 
 

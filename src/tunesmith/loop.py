@@ -531,7 +531,8 @@ class Recipe:
         batches = self.epoch_batches(epoch)
         self.t0 = time.perf_counter()
         for w in range(first_window, len(batches), cfg.optim.grad_accum):
-            changed = self.stage.strategy.update(s.step, epoch)  # gradual unfreezing: more blocks join
+            # gradual unfreezing: more blocks join, counted from this stage's first step (LP-FT's probe stage came before)
+            changed = self.stage.strategy.update(s.step - self.stage.first_step, epoch)
             if changed:
                 if self.world > 1:  # DDP registers the trainable set when it wraps: wrap again
                     self.train_model = self.accelerator.prepare_model(self.accelerator.unwrap_model(self.train_model))

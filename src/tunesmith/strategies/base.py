@@ -167,7 +167,8 @@ class BaseStrategy:
         raise NotImplementedError
 
     def update(self, step: int, epoch: int) -> str | None:
-        """Called before each optimizer step; returns a message when the trainable set changed."""
+        """Called before each optimizer step with the optimizer steps this stage has taken and its epoch (from 1);
+        returns a message when the trainable set changed."""
         return None
 
     def save(self, model: nn.Module, task: Any, directory: Path) -> nn.Module:

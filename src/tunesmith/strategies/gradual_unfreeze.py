@@ -73,4 +73,4 @@ class GradualUnfreeze(BaseStrategy):
             joined.append(self.stages[k][0])
         self.current = target
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return f"unfroze {', '.join(joined)} at step {step}: {trainable:,} parameters train"
+        return f"unfroze {', '.join(joined)} after {step} step(s) of this stage: {trainable:,} parameters train"
