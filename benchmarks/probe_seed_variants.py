@@ -4,6 +4,7 @@ validation curve, then the mean and spread. The variants the robust-defaults iss
 
     .venv/bin/python benchmarks/probe_seed_variants.py                               # auto at its defaults
     .venv/bin/python benchmarks/probe_seed_variants.py --set strategy.soup=1         # one fine-tuning run, no model soup
+    .venv/bin/python benchmarks/probe_seed_variants.py --soup-best                   # a soup of the runs' best steps
     .venv/bin/python benchmarks/probe_seed_variants.py --ema 0.95                    # weight EMA, validated and kept
     .venv/bin/python benchmarks/probe_seed_variants.py --set train.metric=loss       # best step by validation loss
     .venv/bin/python benchmarks/probe_seed_variants.py --set eval.every_epoch=false  # the last weights
@@ -67,16 +68,31 @@ def patch_ema(decay: float) -> None:
     loop.Recipe.build_optimizer, loop.Recipe.finish_step, loop.Recipe.validate = build_optimizer, finish_step, validate_averaged
 
 
+def patch_soup_best() -> None:
+    """The model soup as it was before 2026-12-06 evening: each run restored to its best validation step before
+    it joins the soup (the default now averages the runs' last weights)."""
+    from tunesmith import loop
+
+    def restore_best(self):
+        if self.best_state is not None:
+            self.load_weights(self.best_state, moving=True)
+
+    loop.Recipe.restore_best = restore_best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--proxy", default="rt-1000", choices=sorted(bd.PROXIES))
     p.add_argument("--strategy", default="auto")
     p.add_argument("--seeds", default="0,1,2,3,4,5")
     p.add_argument("--ema", type=float, default=0.0, help="decay of a weight EMA (0: off)")
+    p.add_argument("--soup-best", action="store_true", help="a soup of the runs' best validation steps (before 2026-12-06 evening)")
     p.add_argument("--set", nargs="*", default=[], help="dotted key=value overrides, e.g. optim.lr=5e-5")
     args = p.parse_args()
     if args.ema:
         patch_ema(args.ema)
+    if args.soup_best:
+        patch_soup_best()
     import tunesmith
 
     root = Path(tempfile.mkdtemp(prefix="tunesmith-seeds-"))
@@ -93,7 +109,7 @@ def main() -> None:
                           "probe_macro_f1": round((ev.get("linear_probe") or {}).get("macro_f1", float("nan")), 4),
                           "kept_stage": ev.get("kept_stage"), "validation": [(e["step"], round(e["macro_f1"], 3)) for e in evals],
                           "s": round(time.perf_counter() - t)}), flush=True)
-    print(f"{args.proxy} {args.strategy} ema={args.ema} set={' '.join(args.set) or '-'}: mean accuracy "
+    print(f"{args.proxy} {args.strategy} ema={args.ema}{' soup-best' if args.soup_best else ''} set={' '.join(args.set) or '-'}: mean accuracy "
           f"{statistics.mean(accs):.4f}, sd {statistics.pstdev(accs):.4f} over {len(accs)} seeds")
 
 

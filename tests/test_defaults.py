@@ -100,20 +100,21 @@ def test_lp_ft_fits_the_head_on_cached_features_first_and_keeps_the_better_stage
     assert (res.run_dir / "model" / "model.safetensors").exists()
 
 
-def test_soup_is_the_mean_of_the_fine_tuning_runs_best_weights(make_config, capsys):
+def test_soup_is_the_mean_of_the_fine_tuning_runs_last_weights(make_config, capsys):
     """strategy.soup: k runs of the fine-tuning stage from the same start (the random streams run on: other
-    batches and dropout), each restored to its best validation weights; the model validated as the stage's
-    result is their mean."""
+    batches and dropout), each kept as it ends (its best validation step scored, not restored); the model
+    validated as the stage's result is the mean of their last weights."""
     import torch
 
     from tunesmith.loop import run
     from tunesmith.observers import Observer
 
-    bests, validated = [], []
+    lasts, bests, validated = [], [], []
 
     class Watch(Observer):
         def fit_end(self, run):
             if run.state.stage == 1:
+                lasts.append({n: t.detach().clone() for n, t in run.state_tensors(moving=True).items()})
                 bests.append({n: t.clone() for n, t in run.best_state.items()})
 
         def validation_end(self, run, metrics, improved):
@@ -122,27 +123,29 @@ def test_soup_is_the_mean_of_the_fine_tuning_runs_best_weights(make_config, caps
 
     cfg = tunesmith.load_config(make_config(strategy={"name": "full", "lp_ft": True, "soup": 3}, optim={"epochs": 4}))
     ev, out = run(cfg, observers=[Watch()]).eval, capsys.readouterr().out
-    assert ev["soup"]["members"] == 3 and len(ev["soup"]["member_macro_f1"]) == 3 and len(bests) == 3
+    assert ev["soup"]["members"] == 3 and len(ev["soup"]["member_macro_f1"]) == 3 and len(lasts) == 3
     assert "model soup: fine-tuning run 3/3" in out and "model soup of 3 fine-tuning runs" in out
+    assert "restored the best weights" not in out.split("stage 2/2")[1]  # the runs are not restored to their best step
     probe, tune = ev["optimizer"][0]["steps"], ev["optimizer"][1]["steps"]
     assert ev["train"]["steps"] == probe + 3 * tune
-    assert any(not torch.equal(bests[0][n], bests[1][n]) for n in bests[0])  # the runs differ
+    assert any(not torch.equal(lasts[0][n], lasts[1][n]) for n in lasts[0])  # the runs differ
+    assert any(not torch.equal(lasts[i][n], bests[i][n]) for i in range(3) for n in lasts[i])  # and differ from their best steps
     score, soup = validated[-1]  # the last validation of the stage: the soup's
-    assert score == pytest.approx(ev["soup"]["macro_f1"]) and soup.keys() == bests[0].keys()
+    assert score == pytest.approx(ev["soup"]["macro_f1"]) and soup.keys() == lasts[0].keys()
     # against the probe stage and the fallback the stage counts as the best of its runs and the soup
     assert ev["soup"]["stage_score"] == pytest.approx(max(ev["soup"]["member_macro_f1"] + [score]))
     for n, t in soup.items():
-        torch.testing.assert_close(t, sum(b[n] for b in bests) / 3, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(t, sum(w[n] for w in lasts) / 3, atol=1e-6, rtol=1e-6)
     one = tunesmith.train(make_config(strategy={"name": "full", "lp_ft": True, "soup": 1}, optim={"epochs": 4},
                                       overwrite=True), quiet=True).eval
     assert "soup" not in one and one["train"]["steps"] == probe + tune
 
 
-def test_soup_auto_runs_three_from_300_to_2000_training_rows_and_rejects_zero(make_config):
+def test_soup_auto_runs_three_from_100_to_2000_training_rows_and_rejects_zero(make_config):
     from tunesmith.config import StrategyConfig
 
     auto = StrategyConfig(name="full")
-    assert [auto.soup_runs(n) for n in (120, 299, 300, 1999, 2000, 10_000)] == [1, 1, 3, 3, 1, 1]
+    assert [auto.soup_runs(n) for n in (40, 99, 100, 1999, 2000, 10_000)] == [1, 1, 3, 3, 1, 1]
     assert StrategyConfig(name="full", soup=2).soup_runs(10_000) == 2
     for bad in (0, -1, True):
         with pytest.raises(tunesmith.UserError, match="soup"):

@@ -84,7 +84,7 @@ def save(out: Path, step: int, weights: dict[str, torch.Tensor], best: dict[str,
 
     `rng` holds every process's RNG state in rank order (gathered by the caller); without it, this
     process's own. `stage_start`: the model as this stage began, when the stage must beat the one
-    before it (LP-FT's fine-tuning): a resumed run can still go back to it. `soup`: the summed best weights of
+    before it (LP-FT's fine-tuning): a resumed run can still go back to it. `soup`: the summed weights of
     the stage's finished fine-tuning runs (strategy.soup)."""
     from safetensors.torch import save_file
 

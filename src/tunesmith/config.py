@@ -49,8 +49,8 @@ class ReplayConfig(_Section):
 GUARDS = ("l2sp", "replay")
 
 
-# strategy.soup: auto: 3 runs from 300 up to 2,000 training rows (measured in docs/strategies.md)
-SOUP_AUTO_RUNS, SOUP_AUTO_MIN_ROWS, SOUP_AUTO_MAX_ROWS = 3, 300, 2000
+# strategy.soup: auto: 3 runs from 100 up to 2,000 training rows (measured in docs/strategies.md)
+SOUP_AUTO_RUNS, SOUP_AUTO_MIN_ROWS, SOUP_AUTO_MAX_ROWS = 3, 100, 2000
 
 
 class StrategyConfig(_Section):
@@ -74,15 +74,15 @@ class StrategyConfig(_Section):
     )
     soup: int | Literal["auto"] = Field(
         "auto", description="LP-FT's fine-tuning stage trained this many times from the same start (each with its own data "
-        "order and dropout), the members' best weights averaged into one model (a uniform model soup, Wortsman et al. 2022), "
-        "validated as the stage's result, which counts as its best run against the probe stage and the fallback. auto: 3 from 300 up to 2,000 training rows, where fine-tuning is "
-        "the 150-step floor and its outcome varies most from run to run; else 1 (below 300 rows the runs' best steps, picked "
-        "on a validation set of a few dozen rows, are too far apart to average). Not for lora (its two factors do not average) or "
-        "gradual-unfreeze (a later run would start with every block unfrozen)."
+        "order and dropout), the runs' weights at the end of their schedules averaged into one model (a uniform model soup, "
+        "Wortsman et al. 2022), validated as the stage's result, which counts as its best run against the probe stage and the "
+        "fallback. auto: 3 from 100 up to 2,000 training rows, where fine-tuning is the 150-step floor and its outcome varies "
+        "most from run to run; else 1 (under 100 rows auto does not move the backbone; from 2,000 one run varies less). Not for "
+        "lora (its two factors do not average) or gradual-unfreeze (a later run would start with every block unfrozen)."
     )
 
     def soup_runs(self, n_train: int) -> int:
-        """`soup` as a number of fine-tuning runs: auto is 3 from 300 up to 2,000 training rows (docs/strategies.md), else 1."""
+        """`soup` as a number of fine-tuning runs: auto is 3 from 100 up to 2,000 training rows (docs/strategies.md), else 1."""
         if self.soup == "auto":
             return SOUP_AUTO_RUNS if SOUP_AUTO_MIN_ROWS <= n_train < SOUP_AUTO_MAX_ROWS else 1
         return self.soup

@@ -8,8 +8,8 @@
         baselines       (first stage) the starting model on the test set, and the task's own baselines
         build_optimizer AdamW and the schedule from the strategy's groups; resume restores them
         fit             epochs -> windows -> micro-batches; validation, checkpoints, early stopping
-        restore_best    the weights of the best validation step
-        soup            (LP-FT, small data) the stage again from its start, the members' best weights averaged
+        restore_best    the weights of the best validation step (not in a soup's runs)
+        soup            (LP-FT, small data) the stage again from its start, the runs' last weights averaged
         keep_better_stage   (a later stage) the previous stage's weights when they were better on validation
     keep_fallback       (LP-FT) the probe stage's logistic regression when fine-tuning ended below it
     release_training_state  AdamW's moments, weight copies, gradients and kept buffers go before evaluating
@@ -181,7 +181,7 @@ class Recipe:
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
         # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
         self.fallback: tuple[float, Any] | None = None
-        self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' best weights, summed
+        self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' weights, summed
         self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
         self.fast_ops_said = False
         self.n_stages = 1  # set by the recipe
@@ -788,7 +788,7 @@ class Recipe:
     # -- after fitting ------------------------------------------------------------------------------
     def restore_best(self) -> None:
         s = self.state
-        if self.best_state is None:
+        if self.best_state is None or self.soup_size() > 1:  # a soup's runs keep their last weights (see `soup`)
             return
         self.load_weights(self.best_state, moving=True)
         if s.stopped_early or s.best_step != s.step:
@@ -797,16 +797,19 @@ class Recipe:
 
     def soup_size(self) -> int:
         """How many fine-tuning runs of this stage are averaged (strategy.soup; 1: none)."""
-        if self.previous[2] is None or not self.stage.strategy.averages:  # no shared start, or weights that do not average
-            return 1
+        if not self.stage.soup or self.previous[2] is None or not self.stage.strategy.averages:  # not a soup's stage (LP-FT's
+            return 1  # fine-tuning), no shared start, or weights that do not average
         return self.cfg.strategy.soup_runs(len(self.view.enc["train"]))
 
     def soup(self) -> None:
         """A uniform model soup (Wortsman et al., ICML 2022): the stage is trained again from the same start,
-        each member with its own batch order and dropout (the random streams run on), and the members' best
-        weights are averaged. On small data one fine-tuning run's outcome swings by points with the seed;
-        the average of runs from one start lies in the same basin and beats the runs' mean. The soup is the
-        stage's model; against the stage before and the fallback it counts as the best of its runs and itself."""
+        each member with its own batch order and dropout (the random streams run on), and the members' weights
+        at the end of their schedules are averaged, as the paper averages finished fine-tuning runs. On small
+        data one fine-tuning run's outcome swings by points with the seed; the average of runs from one start
+        lies in the same basin and beats the runs' mean. Each run's best validation step is scored, not
+        restored: on a validation set of a dozen rows those steps lie far apart and their average is worse
+        (docs/strategies.md). The soup is the stage's model; against the stage before and the fallback it
+        counts as the best of its runs' scores and its own."""
         k, start, s = self.soup_size(), self.previous[2], self.state
         if k < 2:
             return
@@ -816,7 +819,7 @@ class Recipe:
                 break
             if s.member == 1:
                 self.console.print(f"model soup (strategy.soup={self.cfg.strategy.soup}, {len(self.view.enc['train'])} training "
-                                   f"rows): {k} fine-tuning runs from the same start, their best weights averaged; 1: one run")
+                                   f"rows): {k} fine-tuning runs from the same start, their last weights averaged; 1: one run")
             self.console.print(f"model soup: fine-tuning run {s.member + 1}/{k} from the stage's start, its own batch order")
             self.load_weights(start)
             self.start_fit_state()
@@ -840,7 +843,7 @@ class Recipe:
                            f"the stage counts as {s.best_metric:.4f} against the probe stage; strategy.soup=1: one run)")
 
     def add_member(self) -> None:
-        """The finished member's best weights (restored) join the soup's sum."""
+        """The finished member's weights (its last step's) join the soup's sum; its best validation score is kept."""
         s = self.state
         with torch.no_grad():
             moving = {n: t.detach().to("cpu", torch.float32) for n, t in self.state_tensors(moving=True).items()}
