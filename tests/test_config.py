@@ -78,3 +78,24 @@ def test_python_kwargs_overrides():
     cfg = load_config({"task": "text-classification", "model": "m", "data": {"train": "x.csv"}}, optim__lr=1e-4,
                       **{"strategy.name": "head-only"})
     assert cfg.optim.lr == pytest.approx(1e-4) and cfg.strategy.name == "head-only"
+
+
+def test_auto_precision_keeps_float32_for_convolutional_networks_on_a_cpu(monkeypatch):
+    """`train.precision: auto` on a CPU with fast bf16: bf16 autocast for transformers, float32 for CNNs (measured
+    slower in bf16); on a CPU without fast bf16, float32 for both; an explicit choice is kept."""
+    import torch
+    from torch import nn
+
+    from tunesmith import precision
+
+    cpu = torch.device("cpu")
+    cnn = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3, groups=64), nn.Conv2d(64, 128, 1), nn.Flatten(), nn.Linear(128, 10))
+    encoder = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 128), nn.Linear(128, 32))
+    assert precision.convolutional(cnn) and not precision.convolutional(encoder)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)
+    assert precision.resolve_precision("auto", cpu, encoder)[0] == "bf16"
+    chosen, why = precision.resolve_precision("auto", cpu, cnn)
+    assert chosen == "fp32" and "convolutional" in why
+    assert precision.resolve_precision("bf16", cpu, cnn) == ("bf16", "")  # asked for: kept
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: False)
+    assert precision.resolve_precision("auto", cpu, encoder)[0] == "fp32"

@@ -232,7 +232,8 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     max_length: int = Field(128, gt=1, description="Truncate texts to this many tokens.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX-512 BF16), else fp32."
+        "auto", description="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX-512 BF16), else fp32; on a CPU "
+        "fp32 for convolutional networks (measured faster than bf16 even with AMX)."
     )
     seed: int = Field(0, description="Seeds data splits, shuffling, head initialisation and dropout.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = at the end of every epoch.")

@@ -307,9 +307,9 @@ class Recipe:
         self.enc = {s.name: self.task.encode(s) for s in (self.data.train, self.data.validation, self.data.test)}
         for line in self.task.describe(self.enc):
             console.print(line)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.precision, why = resolve_precision(cfg.train.precision, self.device, self.parts.model)
         amp = autocast_dtype(self.precision)
-        console.print(f"device: {self.device.type}, {self.world} process(es), precision {self.precision}")
+        console.print(f"device: {self.device.type}, {self.world} process(es), precision {self.precision}" + (f" ({why})" if why else ""))
         from accelerate.utils import gather_object
 
         self.rt = Runtime(self.device, amp, cfg.eval.batch_size, self.rank, self.world,

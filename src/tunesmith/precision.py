@@ -3,12 +3,16 @@
 `auto` picks bf16 autocast only where the hardware runs bf16 matrix products fast: CUDA GPUs with
 bf16 support, and CPUs with AMX tiles or AVX-512 BF16. Elsewhere bf16 is emulated and far slower
 than float32 (measured on an AVX2-only EPYC: 1.3 GFLOP/s bf16 against 170 GFLOP/s float32), so
-`auto` keeps float32 there.
+`auto` keeps float32 there. On a CPU it also keeps float32 for convolutional networks (more weights in
+convolutions than in linear layers): their depthwise convolutions and batch norms gain nothing from
+AMX and autocast's casts cost more than they save (EfficientNet-Lite0 on a 2-core AMX Xeon,
+`benchmarks/bench_images.py`: 87 images/s in float32 against 62 in bf16).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from tunesmith.errors import UserError
 
@@ -21,17 +25,26 @@ def cpu_bf16_is_fast() -> bool:
     )
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """Map the config's precision ('auto' | 'fp32' | 'bf16' | 'fp16') to what the run uses."""
+def convolutional(model: nn.Module) -> bool:
+    """Whether convolutions hold more of the model's weights than linear layers do (a CNN, not a transformer)."""
+    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return conv > linear
+
+
+def resolve_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> tuple[str, str]:
+    """Map the config's precision ('auto' | 'fp32' | 'bf16' | 'fp16') to what the run uses, and why (for `auto`)."""
     if requested == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return ("bf16", "") if torch.cuda.is_bf16_supported() else ("fp16", "")
         if device.type == "cpu" and cpu_bf16_is_fast():
-            return "bf16"
-        return "fp32"
+            if model is not None and convolutional(model):
+                return "fp32", "auto: a convolutional network trains faster in float32 on a CPU, even with fast bf16"
+            return "bf16", "auto: this CPU has fast bf16 matrix products"
+        return "fp32", ""
     if requested == "fp16" and device.type == "cpu":
         raise UserError("train.precision=fp16 needs a GPU; on a CPU use 'bf16' or 'fp32' (or 'auto')")
-    return requested
+    return requested, ""
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
