@@ -797,8 +797,8 @@ class Recipe:
 
     def soup_size(self) -> int:
         """How many fine-tuning runs of this stage are averaged (strategy.soup; 1: none)."""
-        if not self.stage.soup or self.previous[2] is None or not self.stage.strategy.averages:  # not a soup's stage (LP-FT's
-            return 1  # fine-tuning), no shared start, or weights that do not average
+        if not self.stage.soup or self.previous[2] is None:  # not a soup's stage (Stage.soup), or no shared start
+            return 1
         return self.cfg.strategy.soup_runs(len(self.view.enc["train"]))
 
     def soup(self) -> None:

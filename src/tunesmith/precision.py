@@ -32,13 +32,13 @@ def convolutional(model: nn.Module) -> bool:
     return conv > linear
 
 
-def resolve_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> tuple[str, str]:
+def resolve_precision(requested: str, device: torch.device, model: nn.Module) -> tuple[str, str]:
     """Map the config's precision ('auto' | 'fp32' | 'bf16' | 'fp16') to what the run uses, and why (for `auto`)."""
     if requested == "auto":
         if device.type == "cuda":
             return ("bf16", "") if torch.cuda.is_bf16_supported() else ("fp16", "")
         if device.type == "cpu" and cpu_bf16_is_fast():
-            if model is not None and convolutional(model):
+            if convolutional(model):
                 return "fp32", "auto: a convolutional network trains faster in float32 on a CPU, even with fast bf16"
             return "bf16", "auto: this CPU has fast bf16 matrix products"
         return "fp32", ""

@@ -111,7 +111,7 @@ class Stage:
     compare_previous: bool = True  # kept only if it beats the stage before on validation (False: that stage's
     # model cannot stand alone, e.g. a body tuned on pairs whose head this stage trains first)
     soup: bool = False  # may train as a model soup (strategy.soup): several runs from the stage's start, averaged
-    # (LP-FT's fine-tuning stage; a plugin's stage opts in here)
+    # (LP-FT's fine-tuning stage of a strategy whose weights average; a plugin's stage opts in here)
 
 
 class BaseStrategy:
@@ -154,7 +154,7 @@ class BaseStrategy:
         first = probe(options)
         first.probe_role = "fallback"  # a head fitted by logistic regression is not where fine-tuning starts (measured:
         # on standardized features its weights are large enough to make the first steps diverge); it is kept aside
-        return [Stage(first, lr=probe.default_lr, role="linear probe"), Stage(self, role="fine-tune", soup=True)]
+        return [Stage(first, lr=probe.default_lr, role="linear probe"), Stage(self, role="fine-tune", soup=self.averages)]
 
     def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
         """What the loop trains on; by default the task, the model and the data as they are."""
