@@ -375,14 +375,14 @@ def test_auto_picks_as_documented(device, params, rows, smallest, blocks, guards
 
 
 @pytest.mark.parametrize("rows, smallest, labels, guards, expected", [
-    (32, 16, 2, False, "contrastive"),  # 16 rows a class: SetFit's few-shot end
-    (116, 58, 2, False, "contrastive"),
+    (28, 14, 2, False, "contrastive"),  # 16 rows a class, 2 of them to validation: SetFit's few-shot end
+    (116, 58, 2, False, "contrastive"),  # 100 rows or more, under 64 a class
     (250, 60, 4, False, "contrastive"),
-    (18, 9, 2, False, "feature-extraction"),  # under 10 a class: too few rows for pairs to help (measured)
-    (128, 64, 2, False, "full"),  # 64 a class: full fine-tuning
+    (14, 7, 2, False, "feature-extraction"),  # under 10 a class: pairs do not help (measured)
+    (128, 64, 2, False, "full"),  # 64 a class: full fine-tuning with its LP-FT fallback
     (999, 19, 2, False, "feature-extraction"),  # a rare class in a large set is not the few-shot end
-    (32, 16, None, False, "feature-extraction"),  # not a sentence encoder
-    (32, 16, 2, True, "full"),  # a forgetting guard needs the backbone trained on labels
+    (28, 14, None, False, "feature-extraction"),  # not a sentence encoder
+    (28, 14, 2, True, "full"),  # a forgetting guard needs the backbone trained on labels
 ])
 def test_auto_picks_contrastive_for_a_few_shot_sentence_encoder(rows, smallest, labels, guards, expected):
     from tunesmith.strategies.auto import decide
@@ -390,7 +390,8 @@ def test_auto_picks_contrastive_for_a_few_shot_sentence_encoder(rows, smallest, 
     settings, reason = decide("cpu", 22_000_000, rows, 6, guards, smallest, labels)
     assert settings["name"] == expected
     if expected == "contrastive":
-        assert f"smallest class has {smallest} training rows (10-63)" in reason
+        assert f"{rows} training rows on a sentence encoder, {smallest} or more in every class (>= 10)" in reason
+        assert "\n" not in reason
 
 
 def test_auto_chooses_contrastive_on_a_sentence_encoder_and_trains_it(make_config, tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ The rules, first match wins (the thresholds are the constants below):
 | when | strategy | why |
 |---|---|---|
 | model >= 350M parameters | lora | full fine-tuning needs ~4x the weights' memory for AdamW; adapters train <1% |
-| a sentence encoder (mean pooling) classifying text, its smallest class with 10 to 63 training rows and fewer than 64 rows a class on average | contrastive | SetFit's few-shot end: pairs of rows multiply the few labels (docs/strategies.md: above feature-extraction on 5 of 6 few-shot proxies, by up to 13 points) |
+| a text classifier on a sentence encoder (mean pooling), 10 or more training rows in every class and fewer than 64 a class on average | contrastive | SetFit's few-shot end: pairs of rows multiply the few labels (docs/strategies.md: above the linear probe on 6 of 8 few-shot proxies, the other two within a seed's spread, and above full fine-tuning's soup on average on the three with 100 rows or more) |
 | the smallest class has fewer than 20 training rows, or fewer than 100 rows in all | feature-extraction | fewer than 2 of that class reach the validation split: too few to tell whether moving the backbone helped; the head is the best logistic regression, fitted in seconds |
 | CPU, model <= 50M parameters | full | a small model trains fully on a CPU (layer_decay 0.8 measured 0.4-1.2 points lower on Rotten Tomatoes at 1,000 rows) |
 | CPU, larger model | freeze, last third of the blocks, layer_decay 0.8 | a CPU cannot afford backward through the whole model |
@@ -39,7 +39,8 @@ LARGE_MODEL = 350_000_000
 SMALL_MODEL = 50_000_000
 FEW_ROWS = 100
 FEW_PER_CLASS = 20
-CONTRASTIVE_PER_CLASS = (10, 64)  # smallest class, training rows: contrastive from the first, up to (not with) the second
+CONTRASTIVE_MIN = 10  # contrastive from this many training rows in the smallest class (below: feature-extraction)
+CONTRASTIVE_MAX_MEAN = 64  # ... while the classes average fewer training rows than this (not a rare class in a large set)
 
 
 def decide(device_type: str, n_params: int, n_train: int, n_blocks: int | None, guards: bool,
@@ -51,12 +52,12 @@ def decide(device_type: str, n_params: int, n_train: int, n_blocks: int | None, 
     m = f"{n_params / 1e6:.0f}M-parameter model"
     if n_params >= LARGE_MODEL and not guards:
         return {"name": "lora"}, f"{m} (>= {LARGE_MODEL / 1e6:.0f}M): LoRA adapters train <1% of the weights and fit in memory"
-    lo, hi = CONTRASTIVE_PER_CLASS
-    few_shot = encoder_labels and smallest_class is not None and lo <= smallest_class < hi and n_train < hi * encoder_labels
-    if few_shot and not guards:
+    if encoder_labels and smallest_class is not None and smallest_class >= CONTRASTIVE_MIN and (
+            n_train < CONTRASTIVE_MAX_MEAN * encoder_labels) and not guards:
         return {"name": "contrastive"}, (
-            f"sentence encoder, the smallest class has {smallest_class} training rows ({lo}-{hi - 1}): the few-shot end, "
-            "where SetFit's contrastive pairs multiply the few labelled rows"
+            f"{n_train} training rows on a sentence encoder, {smallest_class} or more in every class (>= {CONTRASTIVE_MIN}) "
+            f"and under {CONTRASTIVE_MAX_MEAN} a class on average: the few-shot end, where SetFit's contrastive pairs "
+            "multiply the few labelled rows"
         )
     few_rows = n_train < FEW_ROWS
     if (few_rows or (smallest_class is not None and smallest_class < FEW_PER_CLASS)) and not guards:
