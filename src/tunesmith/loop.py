@@ -460,7 +460,8 @@ class Recipe:
         """(epochs, optimizer steps) of this stage: on small data, exactly optim.min_steps steps (the last epoch
         partial), the schedule spanning them."""
         o = self.cfg.optim
-        steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / (self.stage.batch_size or o.batch_size)) / o.grad_accum)
+        batch = self.stage.batch_size or o.batch_size  # a stage of pairs has its own
+        steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / batch) / o.grad_accum)
         epochs = self.stage.epochs or o.epochs
         total = steps_per_epoch * epochs
         if not self.stage.epochs and o.min_steps and total < o.min_steps:
@@ -588,7 +589,8 @@ class Recipe:
         s.replay = {"rng": self.replay_rng.bit_generator.state, "order": list(self.replay_order), "seen": self.replay_seen}
         n_train = len(self.view.enc["train"])
         # a model soup's later runs (strategy.soup) draw other batch orders
-        batches = make_batches(self.view.enc["train"].lengths, self.stage.batch_size or cfg.optim.batch_size, seed=cfg.train.seed + SOUP_SEED_STEP * s.member,
+        batch = self.stage.batch_size or cfg.optim.batch_size  # a stage of pairs has its own
+        batches = make_batches(self.view.enc["train"].lengths, batch, seed=cfg.train.seed + SOUP_SEED_STEP * s.member,
                                epoch=epoch, group_by_length=cfg.train.group_by_length)
         if self.world > 1:  # every process must step together: drop a final batch too small to split
             batches = [b for b in batches if len(b) >= self.world]
