@@ -376,10 +376,10 @@ def test_auto_picks_as_documented(device, params, rows, smallest, blocks, guards
 
 @pytest.mark.parametrize("rows, smallest, labels, guards, expected", [
     (28, 14, 2, False, "contrastive"),  # 16 rows a class, 2 of them to validation: SetFit's few-shot end
-    (116, 58, 2, False, "contrastive"),  # 100 rows or more, under 64 a class
-    (250, 60, 4, False, "contrastive"),
+    (58, 29, 2, False, "contrastive"),  # under 100 rows
+    (120, 15, 4, False, "contrastive"),  # 100 rows or more, but a class under 20
     (14, 7, 2, False, "feature-extraction"),  # under 10 a class: pairs do not help (measured)
-    (128, 64, 2, False, "full"),  # 64 a class: full fine-tuning with its LP-FT fallback
+    (116, 58, 2, False, "full"),  # 100 rows and 20 a class: full fine-tuning with LP-FT's fallback (measured)
     (999, 19, 2, False, "feature-extraction"),  # a rare class in a large set is not the few-shot end
     (28, 14, None, False, "feature-extraction"),  # not a sentence encoder
     (28, 14, 2, True, "full"),  # a forgetting guard needs the backbone trained on labels
@@ -390,7 +390,7 @@ def test_auto_picks_contrastive_for_a_few_shot_sentence_encoder(rows, smallest, 
     settings, reason = decide("cpu", 22_000_000, rows, 6, guards, smallest, labels)
     assert settings["name"] == expected
     if expected == "contrastive":
-        assert f"{rows} training rows on a sentence encoder, {smallest} or more in every class (>= 10)" in reason
+        assert f"on a sentence encoder, {smallest} or more in every class (>= 10)" in reason
         assert "\n" not in reason
 
 

@@ -5,16 +5,17 @@ The rules, first match wins (the thresholds are the constants below):
 | when | strategy | why |
 |---|---|---|
 | model >= 350M parameters | lora | full fine-tuning needs ~4x the weights' memory for AdamW; adapters train <1% |
-| a text classifier on a sentence encoder (mean pooling), 10 or more training rows in every class and fewer than 64 a class on average | contrastive | SetFit's few-shot end: pairs of rows multiply the few labels (docs/strategies.md: above the linear probe on 6 of 8 few-shot proxies, the other two within a seed's spread, and above full fine-tuning's soup on average on the three with 100 rows or more) |
-| the smallest class has fewer than 20 training rows, or fewer than 100 rows in all | feature-extraction | fewer than 2 of that class reach the validation split: too few to tell whether moving the backbone helped; the head is the best logistic regression, fitted in seconds |
+| the smallest class has fewer than 20 training rows, or fewer than 100 rows in all; a text classifier on a sentence encoder (mean pooling) with 10 or more in every class and fewer than 64 a class on average | contrastive | SetFit's few-shot end: pairs of rows multiply the few labels (docs/strategies.md: above feature-extraction on 4 of the 5 such proxies, by 1.4 to 13 points; the fifth 0.7 below, within a seed's spread) |
+| the same few rows otherwise | feature-extraction | fewer than 2 of that class reach the validation split: too few to tell whether moving the backbone helped; the head is the best logistic regression, fitted in seconds |
 | CPU, model <= 50M parameters | full | a small model trains fully on a CPU (layer_decay 0.8 measured 0.4-1.2 points lower on Rotten Tomatoes at 1,000 rows) |
 | CPU, larger model | freeze, last third of the blocks, layer_decay 0.8 | a CPU cannot afford backward through the whole model |
 | GPU | full, layer_decay 0.9 | the usual best accuracy when compute is not the limit |
 
-Every row but LoRA's on a large model and contrastive's starts from a linear probe (LP-FT) and falls
-back on it when fine-tuning ends below it on validation, so below the feature-extraction row the
-backbone is moved only where it measurably helps (contrastive has no such fallback: with a few
-validation rows a class the choice would be noise, docs/strategies.md). With `l2sp` or `replay` set
+Every row below the feature-extraction row starts from a linear probe (LP-FT) and falls back on it
+when fine-tuning ends below it on validation, so there the backbone is moved only where it
+measurably helps. Contrastive has no such fallback (with a few validation rows a class the choice
+would be noise, docs/strategies.md); from 100 rows and 20 a class, where `full` with LP-FT and a
+soup takes over, contrastive's gain was not consistent across proxies. With `l2sp` or `replay` set
 (forgetting guards need a backbone that trains on labels), the contrastive and feature-extraction rows
 give way to the full / freeze rows. A task can declare a fixed choice
 (`Task.auto_choice`: causal-lm takes LoRA), settled when the config is read. The choice and its
@@ -39,7 +40,7 @@ LARGE_MODEL = 350_000_000
 SMALL_MODEL = 50_000_000
 FEW_ROWS = 100
 FEW_PER_CLASS = 20
-CONTRASTIVE_MIN = 10  # contrastive from this many training rows in the smallest class (below: feature-extraction)
+CONTRASTIVE_MIN = 10  # where feature-extraction's rule holds, contrastive from this many training rows in every class
 CONTRASTIVE_MAX_MEAN = 64  # ... while the classes average fewer training rows than this (not a rare class in a large set)
 
 
@@ -52,17 +53,16 @@ def decide(device_type: str, n_params: int, n_train: int, n_blocks: int | None, 
     m = f"{n_params / 1e6:.0f}M-parameter model"
     if n_params >= LARGE_MODEL and not guards:
         return {"name": "lora"}, f"{m} (>= {LARGE_MODEL / 1e6:.0f}M): LoRA adapters train <1% of the weights and fit in memory"
-    if encoder_labels and smallest_class is not None and smallest_class >= CONTRASTIVE_MIN and (
-            n_train < CONTRASTIVE_MAX_MEAN * encoder_labels) and not guards:
-        return {"name": "contrastive"}, (
-            f"{n_train} training rows on a sentence encoder, {smallest_class} or more in every class (>= {CONTRASTIVE_MIN}) "
-            f"and under {CONTRASTIVE_MAX_MEAN} a class on average: the few-shot end, where SetFit's contrastive pairs "
-            "multiply the few labelled rows"
-        )
     few_rows = n_train < FEW_ROWS
     if (few_rows or (smallest_class is not None and smallest_class < FEW_PER_CLASS)) and not guards:
         what = f"{n_train} training rows (< {FEW_ROWS})" if few_rows else (
             f"the smallest class has {smallest_class} training rows (< {FEW_PER_CLASS})")
+        if encoder_labels and smallest_class is not None and smallest_class >= CONTRASTIVE_MIN and (
+                n_train < CONTRASTIVE_MAX_MEAN * encoder_labels):
+            return {"name": "contrastive"}, (
+                f"{what} on a sentence encoder, {smallest_class} or more in every class (>= {CONTRASTIVE_MIN}): the "
+                "few-shot end, where SetFit's contrastive pairs multiply the few labelled rows"
+            )
         return {"name": "feature-extraction"}, (
             f"{what}: too few to tell on validation whether moving the backbone helps; "
             "the head is the best logistic regression on cached features"

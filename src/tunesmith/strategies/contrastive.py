@@ -17,10 +17,10 @@ Here it is two stages of the one loop:
    from the cache: the body changed), the model's own head trained on them.
 
 The export is the usual one: the tuned body and its head (mean pooling recorded; `tunesmith.load`
-predicts with it). Measured in docs/strategies.md: above the linear probe on 6 of 8 few-shot proxies
-(14 to 58 training rows a class; the other two within a seed's spread) and, from 100 rows, above full
-fine-tuning's soup on average; below it at 7 a class. So `auto` chooses it for a sentence encoder
-with 10 or more training rows in every class and fewer than 64 a class on average.
+predicts with it). Measured in docs/strategies.md: above feature-extraction on 4 of 5 few-shot
+proxies under 100 rows (14 to 29 training rows a class; the fifth within a seed's spread), below it
+at 7 a class, and not consistently above full fine-tuning from 100 rows. So `auto` chooses it where
+it would take feature-extraction, for a sentence encoder with 10 or more training rows in every class.
 """
 
 from __future__ import annotations
