@@ -456,12 +456,15 @@ class Recipe:
         beside = any(g.params for g in self.groups if g.name != "head")
         return (self.cfg.optim.head_lr or max(self.task.head_lr or 0.0, self.lr)) if beside else None
 
+    def batch_size(self) -> int:
+        """This stage's global batch: optim.batch_size, unless the stage's rows are another unit (contrastive's pairs)."""
+        return self.stage.batch_size or self.cfg.optim.batch_size
+
     def budget(self) -> tuple[int, int]:
         """(epochs, optimizer steps) of this stage: on small data, exactly optim.min_steps steps (the last epoch
         partial), the schedule spanning them."""
         o = self.cfg.optim
-        batch = self.stage.batch_size or o.batch_size  # a stage of pairs has its own
-        steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / batch) / o.grad_accum)
+        steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / self.batch_size()) / o.grad_accum)
         epochs = self.stage.epochs or o.epochs
         total = steps_per_epoch * epochs
         if not self.stage.epochs and o.min_steps and total < o.min_steps:
@@ -589,8 +592,7 @@ class Recipe:
         s.replay = {"rng": self.replay_rng.bit_generator.state, "order": list(self.replay_order), "seen": self.replay_seen}
         n_train = len(self.view.enc["train"])
         # a model soup's later runs (strategy.soup) draw other batch orders
-        batch = self.stage.batch_size or cfg.optim.batch_size  # a stage of pairs has its own
-        batches = make_batches(self.view.enc["train"].lengths, batch, seed=cfg.train.seed + SOUP_SEED_STEP * s.member,
+        batches = make_batches(self.view.enc["train"].lengths, self.batch_size(), seed=cfg.train.seed + SOUP_SEED_STEP * s.member,
                                epoch=epoch, group_by_length=cfg.train.group_by_length)
         if self.world > 1:  # every process must step together: drop a final batch too small to split
             batches = [b for b in batches if len(b) >= self.world]
