@@ -332,6 +332,20 @@ def test_feature_cache_reused_then_rebuilt_when_data_changes(make_config, tmp_pa
     assert not fourth["validation"]["cached"]
 
 
+def test_console_shows_budget_and_progress_only_for_gradient_steps(make_config, capsys):
+    """A head fitted in closed form takes no steps: no step budget, no batch-size note, no empty progress bar.
+    A stage that does step says its budget once a run, LP-FT's two stages and a soup's runs together."""
+    tunesmith.train(make_config(strategy={"name": "feature-extraction"}, optim={"batch_size": 128, "min_steps": 150}))
+    fe = capsys.readouterr().out
+    assert "the stage's result, no gradient steps" in fe
+    assert "budget:" not in fe and "/150 steps" not in fe and "is more than the 96 training rows" not in fe
+    tunesmith.train(make_config(strategy={"name": "full", "lp_ft": True}, optim={"batch_size": 128, "min_steps": 4}, overwrite=True))
+    full = capsys.readouterr().out
+    assert full.count("budget: 3 epoch(s) x 1 steps < optim.min_steps=4: 4 steps") == 1
+    assert full.count("optim.batch_size 128 is more than the 96 training rows") == 1
+    assert "4/4 steps" in full
+
+
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_feature_extraction_model_predicts_what_the_cache_trained(make_config, data_dir, head):
     from tunesmith.metrics import classification_metrics

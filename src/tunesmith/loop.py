@@ -122,10 +122,6 @@ def preflight(cfg: Config, keep_going: bool = False) -> tuple[Any, Any, Any]:
             raise
         problem = str(e)
     report = task.validate(tokenizer)
-    train = next((f for f in report.files if f.split == "train"), None)
-    if train is not None and 0 < train.rows < cfg.optim.batch_size:
-        notes.append(f"optim.batch_size {cfg.optim.batch_size} is more than the {train.rows} training rows: every step "
-                     f"sees all of them (one step an epoch); set optim.batch_size to {train.rows} or less to take several")
     report.warnings[:0] = notes
     if problem:
         report.errors.append(problem)
@@ -184,6 +180,8 @@ class Recipe:
         self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' weights, summed
         self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
         self.fast_ops_said = False
+        self.budget_notes: list[str] = []  # this stage's budget lines, shown when its first gradient step is near
+        self.shown_notes: set[str] = set()
         self.n_stages = 1  # set by the recipe
         self.opened = False
 
@@ -463,15 +461,19 @@ class Recipe:
     def budget(self) -> tuple[int, int]:
         """(epochs, optimizer steps) of this stage: on small data, exactly optim.min_steps steps (the last epoch
         partial), the schedule spanning them."""
-        o = self.cfg.optim
-        steps_per_epoch = math.ceil(math.ceil(len(self.view.enc["train"]) / self.batch_size()) / o.grad_accum)
+        o, rows = self.cfg.optim, len(self.view.enc["train"])
+        steps_per_epoch = math.ceil(math.ceil(rows / self.batch_size()) / o.grad_accum)
         epochs = self.stage.epochs or o.epochs
         total = steps_per_epoch * epochs
+        self.budget_notes = []  # printed by fit() once it knows gradient steps follow (not for a closed-form head)
+        if self.stage.batch_size is None and 0 < rows < o.batch_size:
+            self.budget_notes.append(f"note: optim.batch_size {o.batch_size} is more than the {rows} training rows: every step "
+                                     f"sees all of them (one step an epoch); set optim.batch_size to {rows} or less to take several")
         if not self.stage.epochs and o.min_steps and total < o.min_steps:
             total, epochs = o.min_steps, math.ceil(o.min_steps / steps_per_epoch)
-            self.console.print(f"budget: {self.stage.epochs or o.epochs} epoch(s) x {steps_per_epoch} "
-                               f"steps < optim.min_steps={o.min_steps}: {total} steps ({total / steps_per_epoch:.1f} epochs), "
-                               "the best validation weights kept (optim.min_steps=0: as configured)")
+            self.budget_notes.append(f"budget: {self.stage.epochs or o.epochs} epoch(s) x {steps_per_epoch} steps < "
+                                     f"optim.min_steps={o.min_steps}: {total} steps ({total / steps_per_epoch:.1f} epochs), "
+                                     "the best validation weights kept (optim.min_steps=0: as configured)")
         return epochs, min(total, o.max_steps) if o.max_steps else total
 
     def restore_checkpoint(self) -> None:
@@ -507,6 +509,10 @@ class Recipe:
         peak_rss_reset()
         self.events.fit_start(self, self.stage)
         fitted = self.validate_start()  # a head fitted in closed form is the stage's result: no steps follow
+        for note in [] if fitted else self.budget_notes:
+            if note not in self.shown_notes:  # once a run (the stages of LP-FT, a soup's runs)
+                self.shown_notes.add(note)
+                self.console.print(note)
         if self.rng_to_restore is not None:
             checkpoint.set_rng_state(*self.rng_to_restore)
             self.rng_to_restore = None

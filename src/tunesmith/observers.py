@@ -98,6 +98,7 @@ class ConsoleProgress(Observer):
     def __init__(self, console: Any, unit: str, show: bool):
         self.console, self.unit, self.show = console, unit, show
         self.progress: Any = None
+        self.started = False
 
     def fit_start(self, run: Any, stage: Any) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -109,8 +110,7 @@ class ConsoleProgress(Observer):
         )
         self.bar = self.progress.add_task("train", total=run.total_steps, epoch=run.state.epoch, loss="-", speed="-",
                                           completed=run.state.step - stage.first_step)
-        if self.show:
-            self.progress.start()
+        self.started = False  # shown from the first step: a head fitted in closed form takes none
 
     def log(self, run: Any, record: dict[str, Any]) -> None:
         if record["type"] == "train" and self.progress is not None:
@@ -123,13 +123,16 @@ class ConsoleProgress(Observer):
     def step_end(self, run: Any) -> None:
         if self.progress is not None:
             self.progress.update(self.bar, completed=run.state.step - run.stage.first_step, epoch=run.state.epoch)
+            if self.show and not self.started:
+                self.progress.start()
+                self.started = True
 
     def validation_end(self, run: Any, metrics: dict[str, Any], improved: bool) -> None:
         s, metric = run.state, run.cfg.train.metric
         self.console.print(f"step {s.step}: validation {metric} {metrics[metric]:.4f} (best {s.best_metric:.4f} at step {s.best_step})")
 
     def fit_end(self, run: Any) -> None:
-        if self.progress is not None and self.show:
+        if self.progress is not None and self.started:
             self.progress.stop()
         self.progress = None
 
