@@ -121,9 +121,10 @@ def digits_20pc(d: Path) -> dict:
     return _digits(d, list(range(10)), {c: 20 for c in range(10)}, 50)
 
 
-def few_shot(source: str, per_class: int):
+def few_shot(source: str, per_class: int | dict[str, int]):
     """`per_class` training rows of each class (the few-shot end SetFit targets), everything else held out (at most 1,000).
-    `source`: rt, or a proxy whose rows (training and held out together) are drawn from."""
+    `source`: rt, or a proxy whose rows (training and held out together) are drawn from. A dict gives each class its
+    own count: an imbalanced few-shot set."""
     def build(d: Path) -> dict:
         if source == "rt":
             rows = rt_rows()
@@ -137,8 +138,9 @@ def few_shot(source: str, per_class: int):
         by: dict[str, list] = {}
         for r in rows:
             by.setdefault(r[1], []).append(r)
-        train = [r for c in sorted(by) for r in by[c][:per_class]]
-        rest = [r for c in sorted(by) for r in by[c][per_class:]]
+        count = per_class if isinstance(per_class, dict) else dict.fromkeys(by, per_class)
+        train = [r for c in sorted(by) for r in by[c][:count[c]]]
+        rest = [r for c in sorted(by) for r in by[c][count[c]:]]
         random.Random(0).shuffle(train)
         random.Random(1).shuffle(rest)
         return {"task": "text-classification", "model": "minilm-l6",
@@ -189,7 +191,10 @@ PROXIES = {"rt-imbalanced": rt_imbalanced, "debates-4way": debates, "rt-1000": r
            "speeches-party": speeches_party, "rt-plot-3way": rt_plot_3way}
 PROXIES.update({"rt-8pc": few_shot("rt", 8), "rt-32pc": few_shot("rt", 32), "debates-32pc": few_shot("debates-4way", 32),
                 "debates-64pc": few_shot("debates-4way", 64), "speeches-16pc": few_shot("speeches-party", 16),
-                "speeches-64pc": few_shot("speeches-party", 64), "rtplot-16pc": few_shot("rt-plot-3way", 16)})
+                "speeches-64pc": few_shot("speeches-party", 64), "rtplot-16pc": few_shot("rt-plot-3way", 16),
+                # imbalanced few-shot: 100+ rows with a class under 20, where `auto` takes contrastive
+                "rt-imb-few": few_shot("rt", {"fresh": 16, "rotten": 96}),
+                "rtplot-imb-few": few_shot("rt-plot-3way", {"plot": 16, "fresh": 64, "rotten": 48})})
 
 
 def merge(a: dict, b: dict) -> dict:
