@@ -100,6 +100,36 @@ def test_lp_ft_fits_the_head_on_cached_features_first_and_keeps_the_better_stage
     assert (res.run_dir / "model" / "model.safetensors").exists()
 
 
+def test_lp_ft_probe_stage_is_where_fine_tuning_starts_not_a_model_it_keeps(make_config, monkeypatch, capsys):
+    """LP-FT's probe stage (a head trained on frozen features) is where fine-tuning starts. Against the fine-tuned
+    model the logistic regression fitted on the same features stands in for it: the stage's best validation step,
+    picked among dozens on a few validation rows a class, is not kept instead of fine-tuning. Without a fitted
+    regression to fall back on, the probe stage is compared as before."""
+    from tunesmith.loop import run
+    from tunesmith.observers import Observer
+    from tunesmith.tasks.classification import ClassificationTask
+
+    seen = {}
+
+    class Watch(Observer):
+        def fit_end(self, run):
+            if run.state.stage == 0:
+                seen["probe_best"] = run.state.best_metric
+
+        def fit_start(self, run, stage):
+            if run.state.stage == 1:
+                seen["previous"], seen["fallback"] = run.previous[0], run.fallback is not None
+
+    # a rate that wrecks fine-tuning: the run must end on the regression, not on the probe stage's head
+    cfg = make_config(strategy={"name": "full", "lp_ft": True, "soup": 1}, optim={"lr": 1.0, "head_lr": 1.0, "min_steps": 0})
+    ev, out = run(tunesmith.load_config(cfg), observers=[Watch()]).eval, capsys.readouterr().out
+    assert seen["fallback"] and seen["previous"] is None and seen["probe_best"] is not None
+    assert ev["kept_stage"]["stage"] == "logistic regression" and "kept the previous stage" not in out
+    monkeypatch.setattr(ClassificationTask, "probe_head", lambda *a, **k: None)  # no regression: the probe stage competes
+    run(tunesmith.load_config({**cfg, "overwrite": True}), observers=[Watch()])
+    assert not seen["fallback"] and seen["previous"] == seen["probe_best"]
+
+
 def test_soup_is_the_mean_of_the_fine_tuning_runs_last_weights(make_config, capsys):
     """strategy.soup: k runs of the fine-tuning stage from the same start (the random streams run on: other
     batches and dropout), each kept as it ends (its best validation step scored, not restored); the model

@@ -180,6 +180,7 @@ class Recipe:
         self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' weights, summed
         self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
         self.fast_ops_said = False
+        self.start_only = False  # the stage before this one is only where this one starts (Stage.start_only)
         self.budget_notes: list[str] = []  # this stage's budget lines, shown when its first gradient step is near
         self.shown_notes: set[str] = set()
         self.n_stages = 1  # set by the recipe
@@ -415,7 +416,11 @@ class Recipe:
         s = self.state
         # a later stage must beat the one before on validation to be kept: remember where it starts
         comparable = i > 0 and s.best_metric is not None and self.stage.compare_previous
-        self.previous = (s.best_metric, s.best_step, self.snapshot() if comparable else None)
+        # a stage that is only the next one's start (LP-FT's probe stage) is not kept instead of it: the logistic
+        # regression fitted on the same features stands in for it (the fallback), where there is one
+        score = None if self.start_only and self.fallback_head() else s.best_metric
+        self.previous = (score, s.best_step, self.snapshot() if comparable else None)
+        self.start_only = self.stage.start_only
         s.stage, s.member, s.member_scores = i, 0, []
         self.start_fit_state()
 
@@ -886,7 +891,8 @@ class Recipe:
         """When a stage ends below the stage before it on validation, the model goes back to where it began."""
         s, metric = self.state, self.cfg.train.metric
         best, step, start = self.previous
-        if start is None or s.best_metric is None or not self.task.better(metric, best, s.best_metric) or best == s.best_metric:
+        if (start is None or best is None or s.best_metric is None or not self.task.better(metric, best, s.best_metric)
+                or best == s.best_metric):
             return
         self.load_weights(start)
         self.console.print(f"kept the previous stage: its validation {metric} {best:.4f} beats this stage's {s.best_metric:.4f}")
@@ -902,11 +908,9 @@ class Recipe:
         if self.fallback is None or start is None or s.best_metric is None:
             return
         score, (weight, bias) = self.fallback
-        if not self.task.better(metric, score, s.best_metric) or score == s.best_metric:
+        head = self.fallback_head()
+        if not head or not self.task.better(metric, score, s.best_metric) or score == s.best_metric:
             return
-        head = [p for g in self.groups if g.name == "head" for _, p in g.params]
-        if sorted(tuple(p.shape) for p in head) != sorted([tuple(weight.shape), tuple(bias.shape)]):
-            return  # a head that is not one linear layer (the fit does not fit it)
         self.load_weights(start)
         with torch.no_grad():
             for p in head:
@@ -915,6 +919,14 @@ class Recipe:
                            f"beats fine-tuning's {s.best_metric:.4f}")
         self.ev["kept_stage"] = {"stage": "logistic regression", metric: score, "instead_of": s.best_metric}
         s.best_metric = score
+
+    def fallback_head(self) -> list[nn.Parameter]:
+        """This stage's head, where the fallback's fit can be set on it (one linear layer of the fit's shapes); else []."""
+        if self.fallback is None:
+            return []
+        weight, bias = self.fallback[1]
+        head = [p for g in self.groups if g.name == "head" for _, p in g.params]
+        return head if sorted(tuple(p.shape) for p in head) == sorted([tuple(weight.shape), tuple(bias.shape)]) else []
 
     def release_training_state(self) -> None:
         """Training is over: AdamW's moments, the best and previous-stage copies, the gradients and the fast

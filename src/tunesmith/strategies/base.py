@@ -112,6 +112,9 @@ class Stage:
     # model cannot stand alone, e.g. a body tuned on pairs whose head this stage trains first)
     batch_size: int | None = None  # None: optim.batch_size; a stage whose rows are another unit sets its own
     # (contrastive's pairs: SetFit's 16 pairs a step)
+    start_only: bool = False  # only the next stage's start, never kept instead of it where the run has a fitted
+    # fallback (LP-FT's probe stage: its head's best validation step, on a few validation rows a class, is noise; the
+    # logistic regression on the same features, C chosen on validation, is the linear model the next stage must beat)
     soup: bool = False  # may train as a model soup (strategy.soup): several runs from the stage's start, averaged
     # (LP-FT's fine-tuning stage of a strategy whose weights average; a plugin's stage opts in here)
 
@@ -156,7 +159,8 @@ class BaseStrategy:
         first = probe(options)
         first.probe_role = "fallback"  # a head fitted by logistic regression is not where fine-tuning starts (measured:
         # on standardized features its weights are large enough to make the first steps diverge); it is kept aside
-        return [Stage(first, lr=probe.default_lr, role="linear probe"), Stage(self, role="fine-tune", soup=self.averages)]
+        return [Stage(first, lr=probe.default_lr, role="linear probe", start_only=True),
+                Stage(self, role="fine-tune", soup=self.averages)]
 
     def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
         """What the loop trains on; by default the task, the model and the data as they are."""
