@@ -518,6 +518,8 @@ class Recipe:
             if note not in self.shown_notes:  # once a run (the stages of LP-FT, a soup's runs)
                 self.shown_notes.add(note)
                 self.console.print(note)
+        if not fitted:
+            self.events.steps_start(self, self.stage)
         if self.rng_to_restore is not None:
             checkpoint.set_rng_state(*self.rng_to_restore)
             self.rng_to_restore = None

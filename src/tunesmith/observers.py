@@ -31,6 +31,7 @@ class Observer:
     """No-op defaults: an observer overrides the events it cares about."""
 
     def fit_start(self, run: Any, stage: Any) -> None: ...
+    def steps_start(self, run: Any, stage: Any) -> None: ...  # gradient steps follow (not for a head fitted in closed form)
     def log(self, run: Any, record: dict[str, Any]) -> None: ...
     def message(self, run: Any, text: str) -> None: ...
     def step_end(self, run: Any) -> None: ...
@@ -51,6 +52,10 @@ class Observers(Observer):
     def fit_start(self, run: Any, stage: Any) -> None:
         for o in self.observers:
             o.fit_start(run, stage)
+
+    def steps_start(self, run: Any, stage: Any) -> None:
+        for o in self.observers:
+            o.steps_start(run, stage)
 
     def log(self, run: Any, record: dict[str, Any]) -> None:
         for o in self.observers:
@@ -98,9 +103,8 @@ class ConsoleProgress(Observer):
     def __init__(self, console: Any, unit: str, show: bool):
         self.console, self.unit, self.show = console, unit, show
         self.progress: Any = None
-        self.started = False
 
-    def fit_start(self, run: Any, stage: Any) -> None:
+    def steps_start(self, run: Any, stage: Any) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(
@@ -110,7 +114,8 @@ class ConsoleProgress(Observer):
         )
         self.bar = self.progress.add_task("train", total=run.total_steps, epoch=run.state.epoch, loss="-", speed="-",
                                           completed=run.state.step - stage.first_step)
-        self.started = False  # shown from the first step: a head fitted in closed form takes none
+        if self.show:
+            self.progress.start()
 
     def log(self, run: Any, record: dict[str, Any]) -> None:
         if record["type"] == "train" and self.progress is not None:
@@ -123,16 +128,13 @@ class ConsoleProgress(Observer):
     def step_end(self, run: Any) -> None:
         if self.progress is not None:
             self.progress.update(self.bar, completed=run.state.step - run.stage.first_step, epoch=run.state.epoch)
-            if self.show and not self.started:
-                self.progress.start()
-                self.started = True
 
     def validation_end(self, run: Any, metrics: dict[str, Any], improved: bool) -> None:
         s, metric = run.state, run.cfg.train.metric
         self.console.print(f"step {s.step}: validation {metric} {metrics[metric]:.4f} (best {s.best_metric:.4f} at step {s.best_step})")
 
     def fit_end(self, run: Any) -> None:
-        if self.progress is not None and self.started:
+        if self.progress is not None and self.show:
             self.progress.stop()
         self.progress = None
 
