@@ -180,10 +180,10 @@ class Recipe:
         self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' weights, summed
         self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
         self.fast_ops_said = False
-        self.start_only = False  # the stage before this one is only where this one starts (Stage.start_only)
         self.budget_notes: list[str] = []  # this stage's budget lines, shown when its first gradient step is near
         self.shown_notes: set[str] = set()
-        self.n_stages = 1  # set by the recipe
+        self.stages: list[Stage] = []  # set by the recipe
+        self.n_stages = 1
         self.opened = False
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class Recipe:
         self.prepare_model()
         resume_stage = self.state.stage
         stages = self.strategy.stages(self.task)
-        self.n_stages = len(stages)
+        self.stages, self.n_stages = stages, len(stages)
         with self.signals():
             self.start_stages_clock()
             for i, stage in enumerate(stages):
@@ -418,9 +418,8 @@ class Recipe:
         comparable = i > 0 and s.best_metric is not None and self.stage.compare_previous
         # a stage that is only the next one's start (LP-FT's probe stage) is not kept instead of it: the logistic
         # regression fitted on the same features stands in for it (the fallback), where there is one
-        score = None if self.start_only and self.fallback_head() else s.best_metric
+        score = None if i > 0 and self.stages[i - 1].start_only and self.fallback_head() else s.best_metric
         self.previous = (score, s.best_step, self.snapshot() if comparable else None)
-        self.start_only = self.stage.start_only
         s.stage, s.member, s.member_scores = i, 0, []
         self.start_fit_state()
 
@@ -514,11 +513,11 @@ class Recipe:
         peak_rss_reset()
         self.events.fit_start(self, self.stage)
         fitted = self.validate_start()  # a head fitted in closed form is the stage's result: no steps follow
-        for note in [] if fitted else self.budget_notes:
-            if note not in self.shown_notes:  # once a run (the stages of LP-FT, a soup's runs)
-                self.shown_notes.add(note)
-                self.console.print(note)
         if not fitted:
+            for note in self.budget_notes:
+                if note not in self.shown_notes:  # once a run (the stages of LP-FT, a soup's runs)
+                    self.shown_notes.add(note)
+                    self.console.print(note)
             self.events.steps_start(self, self.stage)
         if self.rng_to_restore is not None:
             checkpoint.set_rng_state(*self.rng_to_restore)
