@@ -208,9 +208,79 @@ def test_a_fitted_probe_is_one_linear_layer_on_the_raw_features():
     assert w.shape == (3, 6) and (((x @ w.T + b) > 0) == multi).mean() > 0.5
 
 
+def _probe_task(make_config, strategy: str = "feature-extraction"):
+    """A text-classification task as the run sets it up, 2 labels, the loss class-weighted (so balanced fits compete)."""
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.registry import TASKS
+
+    cfg = load_config(make_config(strategy={"name": strategy}))
+    task = TASKS.get(cfg.task)(cfg)
+    task.labels, task.multi_label, task.class_weight = ["common", "rare"], False, torch.tensor([1.0, 9.0])
+    return task
+
+
+class _Features:
+    """What probe_head reads from a split: its pooled features and labels."""
+
+    def __init__(self, x, y):
+        import torch
+
+        self.features, self.labels = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_probe_head_chooses_on_cross_validation_when_validation_is_small(make_config):
+    """90/10 training rows; four validation rows of the common class, placed where the classes overlap. On them
+    alone the fit at C 0.1 (which calls them all 'common') wins and the linear probe's own fit (C 1, which calls
+    them 'rare') scores 0; on 5-fold cross-validation over the 100 training rows together with them, C 1 wins by
+    far, as the training rows say it should. From PROBE_CV_BELOW validation rows, the validation rows alone decide;
+    a class with one training row leaves no stratified folds to make."""
+    import numpy as np
+
+    from tunesmith.metrics import fit_probe
+    from tunesmith.tasks import classification
+
+    y = np.array([0] * 90 + [1] * 10)
+    x = np.random.default_rng(0).normal(size=(100, 2)) + y[:, None] * 2.0
+    val_x = np.full((4, 2), 2.0) + np.random.default_rng(1).normal(scale=0.02, size=(4, 2))
+    val_y = np.zeros(4, dtype=int)
+    task = _probe_task(make_config)
+    w, b, info = task.probe_head(_Features(x, y), _Features(val_x, val_y), seed=0)
+    assert (info["C"], info["class_weight"]) == (1.0, None), info
+    assert info["chosen_by"]["folds"] == 5 and info["chosen_by"]["rows"] == 104
+    assert info["chosen_by"]["macro_f1"] == info["chosen_by"]["linear_probe"] > 0.8
+    assert info["macro_f1"] == 0.0  # the score kept is the validation rows' alone
+    ref_w, ref_b = fit_probe(x, y, 2, False, 0, 1.0, False)  # fitted on all training rows, not on a fold's
+    np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.numpy(), ref_b, rtol=1e-5, atol=1e-5)
+    big = np.repeat(val_x, classification.PROBE_CV_BELOW // 4, axis=0)
+    _, _, alone = task.probe_head(_Features(x, y), _Features(big, np.zeros(len(big), dtype=int)), seed=0)
+    assert (alone["C"], alone["class_weight"], alone["macro_f1"]) == (0.1, None, 0.5) and "chosen_by" not in alone
+    one = np.array([0] * 99 + [1])
+    _, _, few = task.probe_head(_Features(x, one), _Features(val_x, val_y), seed=0)
+    assert "chosen_by" not in few and few["macro_f1"] == 0.5
+
+
+def test_guard_takes_the_cross_validated_choice_of_feature_extraction_over_the_probe(make_config):
+    """Feature-extraction's head was chosen over the linear probe's own fit on cross-validation with the validation
+    rows: the guard does not overrule that on the validation rows alone. Any other strategy is still compared there."""
+    chosen_by = {"folds": 5, "rows": 104, "macro_f1": 0.62, "linear_probe": 0.47}
+    ev = {"validation_best": {"macro_f1": 0.0}, "baseline_validation": {"before": {"macro_f1": 0.0}, "linear_probe": {"macro_f1": 0.5}},
+          "features": {"probe_start": {"installed": True, "macro_f1": 0.0, "chosen_by": chosen_by}}}
+    guard = _probe_task(make_config).guard(ev, 4)
+    assert not guard["worse"] and "linear_probe" not in guard["baselines"]
+    assert guard["linear_probe_cross_validated"] == {"tuned": 0.62, "linear_probe": 0.47, "rows": 104}
+    full = _probe_task(make_config, "full").guard(ev, 4)
+    assert full["worse"] and full["best_baseline"] == "linear_probe"
+
+
 def test_feature_extraction_head_is_the_best_logistic_regression(make_config, capsys):
-    """The linear head is the logistic regression best on validation (the linear probe, C=1, is one of the
-    candidates), validated once, with no gradient steps after it: the run scores at or above the linear probe
+    """The linear head is the logistic regression best on validation and cross-validation (the linear probe, C=1,
+    is one of the candidates), validated once, with no gradient steps after it: the run scores at or above the linear probe
     on validation. Turned off, the head trains from a random start and the first validation follows steps."""
     import json
 
@@ -219,11 +289,14 @@ def test_feature_extraction_head_is_the_best_logistic_regression(make_config, ca
     start = ev["features"]["probe_start"]
     assert start["C"] in (1.0, 0.1, 0.01) and start["rows"] == ev["data"]["train"]["rows"] and start["installed"]
     assert "the stage's result, no gradient steps" in out
+    assert "(no optimizer steps)" in out and "samples/s" not in out.split("train: ")[-1]
     evals = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert [e["step"] for e in evals] == [0] and evals[0]["macro_f1"] == pytest.approx(start["macro_f1"], abs=1e-6)
     assert ev["train"]["steps"] == 0 and ev["validation_best"]["macro_f1"] == pytest.approx(start["macro_f1"], abs=1e-6)
-    assert start["macro_f1"] >= ev["baseline_validation"]["linear_probe"]["macro_f1"] - 1e-6
-    assert not ev["guard"]["worse"]
+    cv = start["chosen_by"]  # the tiny fixture's few validation rows: the choice includes cross-validation
+    assert cv["rows"] == ev["data"]["train"]["rows"] + ev["data"]["validation"]["rows"]
+    assert cv["macro_f1"] >= cv["linear_probe"]  # the linear probe's own fit is a candidate
+    assert not ev["guard"]["worse"] and ev["guard"]["linear_probe_cross_validated"]["linear_probe"] == cv["linear_probe"]
     if start["C"] == 1.0 and not start["class_weight"]:  # the probe itself: the same test numbers
         assert ev["after"]["macro_f1"] == pytest.approx(ev["linear_probe"]["macro_f1"], abs=1e-4)
     off = tunesmith.train(make_config(strategy={"name": "feature-extraction", "probe_start": False}, overwrite=True), quiet=True)

@@ -1046,7 +1046,8 @@ class Recipe:
             console.print(item)
         t = ev["train"]
         speed = f"{t['tokens_per_s']:.1f} tokens/s" if self.task.unit == "tokens" else f"{t['samples_per_s']:.1f} samples/s"
-        console.print(f"train: {t['stages_s']:.1f} s ({t['runtime_s']:.1f} s of optimizer steps, {speed}), peak RSS "
+        steps = f"{t['runtime_s']:.1f} s of optimizer steps, {speed}" if t.get("steps") else "no optimizer steps"
+        console.print(f"train: {t['stages_s']:.1f} s ({steps}), peak RSS "
                       f"{t['peak_rss_mb']:.0f} MB; run directory: {self.out}")
 
 

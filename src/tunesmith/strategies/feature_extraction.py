@@ -335,8 +335,10 @@ class FeatureExtraction(BaseStrategy):
         weight, bias, chosen = fitted
         chosen["seconds"] = round(time.perf_counter() - t0, 2)
         chosen["installed"] = self.probe_role == "start"
-        what = (f"logistic regression (C {chosen['C']:g}{', balanced' if chosen['class_weight'] else ''}) on {chosen['rows']} rows, "
-                f"fitted in {chosen['seconds']:.1f} s")
+        cv = chosen.get("chosen_by")
+        what = (f"logistic regression (C {chosen['C']:g}{', balanced' if chosen['class_weight'] else ''}) on {chosen['rows']} rows"
+                + (f", chosen on {cv['folds']}-fold cross-validation with the validation rows ({cv['rows']} rows)" if cv else "")
+                + f", fitted in {chosen['seconds']:.1f} s")
         if chosen["installed"]:
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))

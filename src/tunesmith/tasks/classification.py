@@ -19,6 +19,9 @@ from tunesmith.tasks.base import Accumulator, Runtime, Task
 PROBE_MAX_ROWS = 4000  # the linear-probe baseline fits on at most this many training rows
 PROBE_START_MAX_ROWS = 20000  # the logistic-regression head fits on at most this many training rows
 PROBE_START_C = (1.0, 0.1, 0.01)  # inverse regularization strengths tried for it (1.0 first: the linear probe's own)
+PROBE_CV_BELOW = 200  # under this many validation rows, its C and class weighting are chosen on k-fold
+# cross-validation predictions over the training rows too, not on the validation rows alone
+PROBE_CV_FOLDS = 5
 WEIGH_FROM = 3.0  # class_weights: auto weighs the loss when the largest class has this many times the smallest's rows
 GUARD_FEW_ROWS = 50  # the guard's advice: below this many validation rows, a comparison is mostly noise
 
@@ -97,9 +100,15 @@ class ClassificationTask(Task):
 
     def probe_head(self, train: Any, validation: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
         """A linear head fitted on frozen features (`.features`, `.labels`): logistic regression for each
-        C in PROBE_START_C (and with balanced class weights too where the loss is weighted), the one best
-        on validation by train.metric, as (weight, bias, what was chosen). This is LP-FT's probe stage as
-        Kumar et al. (ICLR 2022) fit it, and the linear-probe baseline among the candidates."""
+        C in PROBE_START_C (and with balanced class weights too where the loss is weighted), the one best by
+        train.metric, as (weight, bias, what was chosen). This is LP-FT's probe stage as Kumar et al. (ICLR 2022)
+        fit it, and the linear-probe baseline among the candidates.
+
+        Under PROBE_CV_BELOW validation rows the choice is scored on the validation rows together with k-fold
+        cross-validation predictions for every training row (stratified, k = PROBE_CV_FOLDS or the smallest
+        class's row count; scikit-learn's LogisticRegressionCV idea): with 2-3 validation rows a class, the
+        validation rows alone tie or pick by one prediction. The head is always fitted on all training rows;
+        the score kept under train.metric is the validation rows' alone (what a fine-tuned model is compared with)."""
         from tunesmith.metrics import fit_probe
 
         if train.labels is None or validation.labels is None or len(validation) == 0 or len(train) < 2:
@@ -111,16 +120,38 @@ class ClassificationTask(Task):
         if not self.multi_label and len(np.unique(y)) < 2:
             return None
         metric, vx, vy = self.config.train.metric, validation.features.numpy().astype(np.float64), validation.labels
+        folds = self.probe_folds(y, seed) if len(vy) < PROBE_CV_BELOW else []
+        pooled_y = torch.cat([torch.as_tensor(y[np.concatenate([t for _, t in folds])]), vy]) if folds else vy
         best: tuple[Any, ...] | None = None
+        probe_score = None
         for balanced in (False, True) if self.class_weight is not None else (False,):
             for c in PROBE_START_C:
                 w, b = fit_probe(x, y, len(self.labels), self.multi_label, seed, c, balanced)
-                score = self.metrics(vx @ w.T + b, vy)[metric]
+                val_logits = vx @ w.T + b
+                oof = [x[te] @ fw.T + fb for tr, te in folds
+                       for fw, fb in [fit_probe(x[tr], y[tr], len(self.labels), self.multi_label, seed, c, balanced)]]
+                score = self.metrics(np.concatenate([*oof, val_logits]), pooled_y)[metric]
+                probe_score = score if probe_score is None else probe_score  # the first candidate is the linear probe's fit
                 if best is None or self.better(metric, score, best[0]):
-                    best = (score, w, b, c, balanced)
-        score, w, b, c, balanced = best
-        info = {"C": c, "class_weight": "balanced" if balanced else None, "rows": len(x), metric: score}
+                    best = (score, w, b, c, balanced, self.metrics(val_logits, vy)[metric])
+        score, w, b, c, balanced, val_score = best
+        info = {"C": c, "class_weight": "balanced" if balanced else None, "rows": len(x), metric: val_score}
+        if folds:
+            info["chosen_by"] = {"folds": len(folds), "rows": len(pooled_y), metric: score, "linear_probe": probe_score}
         return torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), info
+
+    def probe_folds(self, y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Stratified folds of the training rows for probe_head's choice, or [] where they cannot be made (a
+        multi-label task; a class with one row: a fold's training rows must hold every class)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        if self.multi_label:
+            return []
+        counts = np.bincount(y.astype(int))
+        k = min(PROBE_CV_FOLDS, int(counts[counts > 0].min()))
+        if k < 2:
+            return []
+        return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
     def final(self, model: nn.Module, enc: dict[str, Any], rt: Runtime, ev: dict[str, Any]) -> dict[str, Any]:
         test = enc["test"]
@@ -156,6 +187,12 @@ class ClassificationTask(Task):
         the linear probe, on validation? The choice is made on validation, never on the test set."""
         metric, tuned = self.config.train.metric, (ev.get("validation_best") or {})
         baselines = {k: v[metric] for k, v in (ev.get("baseline_validation") or {}).items() if metric in v}
+        start = (ev.get("features") or {}).get("probe_start") or {}
+        cv = start.get("chosen_by") if start.get("installed") and self.config.strategy.name == "feature-extraction" else None
+        if cv and "linear_probe" in baselines:
+            # the head is the regression chosen over the linear probe's own fit on cross-validation with the validation
+            # rows (probe_head): on more rows than validation's alone, so that comparison is already made there
+            baselines.pop("linear_probe")
         if metric not in tuned or not baselines:
             return None
         best_name = max(baselines, key=lambda k: baselines[k]) if self.metrics_better[metric] == "max" else min(baselines, key=baselines.get)
@@ -171,8 +208,11 @@ class ClassificationTask(Task):
             advice = "try " + ", ".join(tips + ["more steps (optim.min_steps)", "another learning rate (tunesmith lr-find)"])
         message = (f"the fine-tuned model is worse on validation than {shown}: {metric} {tuned[metric]:.4f} against "
                    f"{best:.4f}{rows}; {advice}") if worse else ""
-        return {"metric": metric, "tuned": tuned[metric], "baselines": baselines, "best_baseline": best_name,
-                "worse": worse, "validation_rows": n_validation, "message": message}
+        out = {"metric": metric, "tuned": tuned[metric], "baselines": baselines, "best_baseline": best_name,
+               "worse": worse, "validation_rows": n_validation, "message": message}
+        if cv:
+            out["linear_probe_cross_validated"] = {"tuned": cv[metric], "linear_probe": cv["linear_probe"], "rows": cv["rows"]}
+        return out
 
     def summary(self, ev: dict[str, Any]) -> list[Any]:
         from tunesmith.report import per_class_table
