@@ -114,7 +114,8 @@ class Stage:
     # (contrastive's pairs: SetFit's 16 pairs a step)
     start_only: bool = False  # only the next stage's start, never kept instead of it where the run has a fitted
     # fallback (LP-FT's probe stage: its head's best validation step, on a few validation rows a class, is noise; the
-    # logistic regression on the same features, C chosen on validation, is the linear model the next stage must beat)
+    # logistic regression on the same features, C chosen on validation (and cross-validation), is the linear model
+    # the next stage must beat)
     soup: bool = False  # may train as a model soup (strategy.soup): several runs from the stage's start, averaged
     # (LP-FT's fine-tuning stage of a strategy whose weights average; a plugin's stage opts in here)
 
