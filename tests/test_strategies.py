@@ -489,11 +489,17 @@ def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
     assert torch.equal(backbone[1].running_mean, before) and backbone[1].num_batches_tracked.item() == tracked
 
 
-def test_contrastive_tunes_the_body_on_pairs_then_a_head_and_exports(make_config, tiny_model_dir, data_dir):
+def test_contrastive_tunes_the_body_on_pairs_then_a_head_and_exports(make_config, tiny_model_dir, data_dir, monkeypatch):
     """SetFit: stage 1 trains every body weight (not the head) on pairs with the cosine loss, validated by a
-    logistic regression on its embeddings; stage 2 trains the head on freshly computed mean-pooled features."""
+    logistic regression on its embeddings; stage 2 trains the head on freshly computed mean-pooled features.
+    With the loss class-weighted, the pairs are drawn class-balanced (the same pairs here: equal classes)."""
+    from tunesmith.strategies.contrastive import PairSet
+
+    draw, asked = PairSet.draw.__func__, []
+    monkeypatch.setattr(PairSet, "draw", classmethod(lambda cls, *a: asked.append(a[-1]) or draw(cls, *a)))
     res = tunesmith.train(make_config(strategy={"name": "contrastive", "pairs_per_row": 8, "body_epochs": 2, "pair_batch_size": 12},
-                                      optim={"epochs": 2}), quiet=True)
+                                      optim={"epochs": 2}, train={"class_weights": "balanced"}), quiet=True)
+    assert asked == [True]
     ev = res.eval
     stages = [o["strategy"] for o in ev["optimizer"]]
     assert stages == ["contrastive", "feature-extraction"] and ev["strategy"] == "contrastive"
@@ -514,3 +520,33 @@ def test_contrastive_tunes_the_body_on_pairs_then_a_head_and_exports(make_config
     y = np.array([clf.labels.index(l) for _, l in test_rows])
     m = classification_metrics(clf.logits([t for t, _ in test_rows]), y, clf.labels, False)
     assert m["loss"] == pytest.approx(ev["after"]["loss"], abs=1e-5)
+
+
+def test_contrastive_pairs_anchor_every_class_as_often_as_the_largest_where_the_loss_is_weighted():
+    """12 rows of one label, 3 of another: SetFit's draw anchors each row once a round, so the rare label's rows
+    are paired together 3 times a round against 12; balanced (the task weighs its loss by class), its rows anchor
+    in turn until both labels anchor 12. With equal classes the draw is SetFit's, pair for pair."""
+    import torch
+
+    from tunesmith.strategies.contrastive import PairSet
+
+    class Rows:
+        def __init__(self, labels):
+            self.labels, self.lengths = torch.tensor(labels), [5] * len(labels)
+
+    def anchored(pairs, rows):  # same-label pairs a label anchors, per round
+        same = pairs.a[pairs.target == 1]
+        return [int(np.isin(same, rows_of).sum()) for rows_of in rows]
+
+    base = Rows([0] * 12 + [1] * 3)
+    plain, even = PairSet.draw(base, 4, 10_000, seed=0), PairSet.draw(base, 4, 10_000, seed=0, balanced=True)
+    assert anchored(plain, [range(12), range(12, 15)]) == [48, 12] and len(plain) == 2 * 15 * 4
+    assert anchored(even, [range(12), range(12, 15)]) == [48, 48] and len(even) == 2 * 24 * 4
+    assert (base.labels[even.a] == base.labels[even.b])[even.target == 1].all()
+    assert (base.labels[even.a] != base.labels[even.b])[even.target == 0].all()
+    assert np.bincount(even.a[even.target == 1][even.a[even.target == 1] >= 12] - 12).tolist() == [16, 16, 16]
+    equal = Rows([0, 1] * 6)
+    a, b = PairSet.draw(equal, 3, 10_000, seed=1), PairSet.draw(equal, 3, 10_000, seed=1, balanced=True)
+    assert (a.a == b.a).all() and (a.b == b.b).all() and (a.target == b.target).all()
+    capped = PairSet.draw(base, 20, 96, seed=0, balanced=True)  # max_pairs counts the extra anchors too
+    assert len(capped) == 2 * 24 * 2

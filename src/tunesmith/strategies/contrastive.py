@@ -9,7 +9,9 @@ give thousands of pairs.
 Here it is two stages of the one loop:
 
 1. `contrastive pairs`: every backbone weight trains on pairs (`pairs_per_row` positive and as many
-   negative partners per row, SetFit's `num_iterations`; at most `max_pairs`), at 2e-5 (SetFit's
+   negative partners per row, SetFit's `num_iterations`; at most `max_pairs`; where the loss is
+   class-weighted, rows of the smaller classes anchor again until every class anchors as many pairs as
+   the largest), at 2e-5 (SetFit's
    body rate), 16 pairs a step (`pair_batch_size`, SetFit's batch size), for `body_epochs` passes
    (SetFit's 1). Validation fits a logistic regression on the training rows' embeddings and scores
    the validation rows: what the second stage will get, so the best body is kept by that;
@@ -71,8 +73,11 @@ class PairSet:
         return len(self.a)
 
     @classmethod
-    def draw(cls, base: Any, per_row: int, max_pairs: int, seed: int) -> "PairSet":
-        """SetFit's pair generation: for each row, a random row of its label and one of another label, per round."""
+    def draw(cls, base: Any, per_row: int, max_pairs: int, seed: int, balanced: bool = False) -> "PairSet":
+        """SetFit's pair generation: for each row, a random row of its label and one of another label, per round.
+        `balanced` (where the task weighs its loss by class): rows of the smaller classes anchor pairs again, in
+        turn, until every class anchors as many as the largest, so a rare class's rows are not drawn together
+        a sixth as often as the common class's (measured in docs/strategies.md, imbalanced few-shot sets)."""
         labels = base.labels
         keys = [tuple(row.tolist()) for row in labels] if labels.ndim == 2 else labels.tolist()
         by_label: dict[Any, list[int]] = {}
@@ -81,11 +86,14 @@ class PairSet:
         if len(by_label) < 2:
             raise UserError("strategy contrastive needs at least 2 labels in the training data")
         rng = random.Random(seed)
-        rounds = max(1, min(per_row, max_pairs // (2 * len(keys))))
+        largest = max(len(rows) for rows in by_label.values()) if balanced else 0
+        anchors = list(range(len(keys))) + [rows[n % len(rows)] for rows in by_label.values() for n in range(largest - len(rows))]
+        rounds = max(1, min(per_row, max_pairs // (2 * len(anchors))))
         everyone = list(range(len(keys)))
         a, b, t = [], [], []
         for _ in range(rounds):
-            for i, k in enumerate(keys):
+            for i in anchors:
+                k = keys[i]
                 same = by_label[k]
                 j = rng.choice(same) if len(same) > 1 else i
                 while len(same) > 1 and j == i:
@@ -194,8 +202,10 @@ class Contrastive(BaseStrategy):
     def training_view(self, task: Any, model: nn.Module, enc: dict[str, Any], rt: Any) -> TrainingView:
         if not hasattr(model, "base_model") or enc["train"].labels is None:
             raise UserError("strategy contrastive applies to text classifiers (a transformer body with a head)")
-        pairs = PairSet.draw(enc["train"], self.config.pairs_per_row, self.config.max_pairs, rt.seed)
+        balanced = getattr(task, "class_weight", None) is not None
+        pairs = PairSet.draw(enc["train"], self.config.pairs_per_row, self.config.max_pairs, rt.seed, balanced)
         rt.print(f"contrastive: {len(pairs):,} pairs from {len(enc['train']):,} rows "
-                 f"({int(pairs.target.sum()):,} same label, {int(len(pairs) - pairs.target.sum()):,} different)")
+                 f"({int(pairs.target.sum()):,} same label, {int(len(pairs) - pairs.target.sum()):,} different"
+                 + ("; every class anchors as many as the largest: the loss is class-weighted" if balanced else "") + ")")
         view = {"train": pairs, "validation": enc["validation"], "test": enc["test"]}
         return TrainingView(PairTask(task, enc), model, view)
