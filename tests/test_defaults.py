@@ -322,6 +322,29 @@ def test_lp_ft_falls_back_on_the_logistic_regression_when_fine_tuning_ends_below
     assert max(ev["weights_moved"].values()) == 0.0  # the backbone as it started
 
 
+def test_lp_ft_weighs_the_fallback_by_the_best_fit_on_validation_and_keeps_the_cross_validated_one(make_config, monkeypatch, capsys):
+    """Against fine-tuning, the fallback counts as the best validation score of the fits tried (here patched to
+    1.0, above anything fine-tuning reaches); the fit installed is the one chosen on cross-validation, and the run
+    reports that fit's own validation score. The guard takes the cross-validated choice over the linear probe."""
+    from tunesmith.tasks.classification import ClassificationTask
+
+    probe_head = ClassificationTask.probe_head
+
+    def best_fit_scores_one(self, *a, **k):
+        w, b, info = probe_head(self, *a, **k)
+        return w, b, {**info, "best_on_validation": 1.0}
+
+    monkeypatch.setattr(ClassificationTask, "probe_head", best_fit_scores_one)
+    cfg = make_config(strategy={"name": "full", "lp_ft": True}, optim={"epochs": 1, "min_steps": 0}, eval={"linear_probe": True})
+    ev = tunesmith.train(cfg).eval
+    out = capsys.readouterr().out
+    kept, fit = ev["kept_stage"], ev["features"]["probe_start"]
+    assert kept["stage"] == "logistic regression" and kept["macro_f1"] == 1.0 > kept["instead_of"]
+    assert kept["fit_macro_f1"] == fit["macro_f1"] == ev["validation_best"]["macro_f1"] < 1.0
+    assert f"the fit kept, chosen on cross-validation, scores {fit['macro_f1']:.4f}" in out
+    assert not ev["guard"]["worse"] and "linear_probe" not in ev["guard"]["baselines"]
+
+
 @pytest.mark.parametrize("before", [True, False])
 def test_lp_ft_probe_stage_leaves_the_test_split_to_the_baselines_and_times_its_stages(make_config, before, capsys):
     """The probe stage caches features of train and validation only: the test split's are computed when the

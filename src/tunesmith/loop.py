@@ -176,7 +176,9 @@ class Recipe:
         # (best validation value, its step, the weights) of the stage before this one, to keep if it was better
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
         # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
-        self.fallback: tuple[float, Any] | None = None
+        # LP-FT's logistic regression kept aside: (the best validation score of the fits tried, the kept fit's own, its
+        # (weight, bias)); the first decides against fine-tuning, as before the fit was chosen on cross-validation
+        self.fallback: tuple[float, float, Any] | None = None
         self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' weights, summed
         self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
         self.fast_ops_said = False
@@ -717,7 +719,8 @@ class Recipe:
             return False
         self.ev.setdefault("features", {})["probe_start"] = chosen
         if not chosen["installed"]:
-            self.fallback = (chosen[self.cfg.train.metric], self.stage.strategy.fitted_head)
+            metric = self.cfg.train.metric
+            self.fallback = (chosen.get("best_on_validation", chosen[metric]), chosen[metric], self.stage.strategy.fitted_head)
             return False
         if not skipped:
             self.validate()
@@ -908,7 +911,7 @@ class Recipe:
         start = self.previous[2]
         if self.fallback is None or start is None or s.best_metric is None:
             return
-        score, (weight, bias) = self.fallback
+        score, own, (weight, bias) = self.fallback
         head = self.fallback_head()
         if not head or not self.task.better(metric, score, s.best_metric) or score == s.best_metric:
             return
@@ -916,16 +919,17 @@ class Recipe:
         with torch.no_grad():
             for p in head:
                 p.copy_((weight if p.ndim == 2 else bias).to(p))
+        chosen = "" if own == score else f"; the fit kept, chosen on cross-validation, scores {own:.4f}"
         self.console.print(f"kept the logistic regression on the probe stage's features: its validation {metric} {score:.4f} "
-                           f"beats fine-tuning's {s.best_metric:.4f}")
-        self.ev["kept_stage"] = {"stage": "logistic regression", metric: score, "instead_of": s.best_metric}
-        s.best_metric = score
+                           f"beats fine-tuning's {s.best_metric:.4f}{chosen}")
+        self.ev["kept_stage"] = {"stage": "logistic regression", metric: score, "instead_of": s.best_metric, f"fit_{metric}": own}
+        s.best_metric = own
 
     def fallback_head(self) -> list[nn.Parameter]:
         """This stage's head, where the fallback's fit can be set on it (one linear layer of the fit's shapes); else []."""
         if self.fallback is None:
             return []
-        weight, bias = self.fallback[1]
+        weight, bias = self.fallback[2]
         head = [p for g in self.groups if g.name == "head" for _, p in g.params]
         return head if sorted(tuple(p.shape) for p in head) == sorted([tuple(weight.shape), tuple(bias.shape)]) else []
 

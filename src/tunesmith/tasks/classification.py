@@ -108,7 +108,9 @@ class ClassificationTask(Task):
         cross-validation predictions for every training row (stratified, k = PROBE_CV_FOLDS or the smallest
         class's row count; scikit-learn's LogisticRegressionCV idea): with 2-3 validation rows a class, the
         validation rows alone tie or pick by one prediction. The head is always fitted on all training rows;
-        the score kept under train.metric is the validation rows' alone (what a fine-tuned model is compared with)."""
+        the score kept under train.metric is the validation rows' alone. `best_on_validation` is the best of every
+        fit's validation score: LP-FT's fallback is weighed against fine-tuning by it, as before the choice of fit
+        was cross-validated (measured: docs/strategies.md)."""
         from tunesmith.metrics import fit_probe
 
         if train.labels is None or validation.labels is None or len(validation) == 0 or len(train) < 2:
@@ -123,7 +125,7 @@ class ClassificationTask(Task):
         folds = self.probe_folds(y, seed) if len(vy) < PROBE_CV_BELOW else []
         pooled_y = torch.cat([torch.as_tensor(y[np.concatenate([t for _, t in folds])]), vy]) if folds else vy
         best: tuple[Any, ...] | None = None
-        probe_score = None
+        probe_score = best_val = None
         for balanced in (False, True) if self.class_weight is not None else (False,):
             for c in PROBE_START_C:
                 w, b = fit_probe(x, y, len(self.labels), self.multi_label, seed, c, balanced)
@@ -131,11 +133,14 @@ class ClassificationTask(Task):
                 oof = [x[te] @ fw.T + fb for tr, te in folds
                        for fw, fb in [fit_probe(x[tr], y[tr], len(self.labels), self.multi_label, seed, c, balanced)]]
                 score = self.metrics(np.concatenate([*oof, val_logits]), pooled_y)[metric]
+                own = self.metrics(val_logits, vy)[metric]
+                best_val = own if best_val is None or self.better(metric, own, best_val) else best_val
                 probe_score = score if probe_score is None else probe_score  # the first candidate is the linear probe's fit
                 if best is None or self.better(metric, score, best[0]):
-                    best = (score, w, b, c, balanced, self.metrics(val_logits, vy)[metric])
+                    best = (score, w, b, c, balanced, own)
         score, w, b, c, balanced, val_score = best
-        info = {"C": c, "class_weight": "balanced" if balanced else None, "rows": len(x), metric: val_score}
+        info = {"C": c, "class_weight": "balanced" if balanced else None, "rows": len(x), metric: val_score,
+                "best_on_validation": best_val}
         if folds:
             info["chosen_by"] = {"folds": len(folds), "rows": len(pooled_y), metric: score, "linear_probe": probe_score}
         return torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), info
@@ -188,7 +193,9 @@ class ClassificationTask(Task):
         metric, tuned = self.config.train.metric, (ev.get("validation_best") or {})
         baselines = {k: v[metric] for k, v in (ev.get("baseline_validation") or {}).items() if metric in v}
         start = (ev.get("features") or {}).get("probe_start") or {}
-        cv = start.get("chosen_by") if start.get("installed") and self.config.strategy.name == "feature-extraction" else None
+        regression = ((start.get("installed") and self.config.strategy.name == "feature-extraction")
+                      or (ev.get("kept_stage") or {}).get("stage") == "logistic regression")  # LP-FT's fallback kept
+        cv = start.get("chosen_by") if regression else None
         if cv and "linear_probe" in baselines:
             # the head is the regression chosen over the linear probe's own fit on cross-validation with the validation
             # rows (probe_head): on more rows than validation's alone, so that comparison is already made there
