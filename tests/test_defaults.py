@@ -154,6 +154,7 @@ def test_soup_is_the_mean_of_the_fine_tuning_runs_last_weights(make_config, caps
     cfg = tunesmith.load_config(make_config(strategy={"name": "full", "lp_ft": True, "soup": 3}, optim={"epochs": 4}))
     ev, out = run(cfg, observers=[Watch()]).eval, capsys.readouterr().out
     assert ev["soup"]["members"] == 3 and len(ev["soup"]["member_macro_f1"]) == 3 and len(lasts) == 3
+    assert ev["soup"]["batch_norm_remeasured"] == 0  # a transformer: no batch norm to measure anew
     assert "model soup: fine-tuning run 3/3" in out and "model soup of 3 fine-tuning runs" in out
     assert "restored the best weights" not in out.split("stage 2/2")[1]  # the runs are not restored to their best step
     probe, tune = ev["optimizer"][0]["steps"], ev["optimizer"][1]["steps"]

@@ -233,3 +233,46 @@ def test_image_data_errors(tiny_timm_dir, images, tmp_path, run_cli):
     assert_user_error(run(train=str(listing)), "no column 'path' (set by data.image_column)")
     p.write_text(yaml.safe_dump(config(tiny_timm_dir, images, tmp_path, strategy={"name": "lora"})))
     assert_user_error(run_cli("validate", p), "strategy lora is not available for image-classification")
+
+
+def test_batch_norm_statistics_are_measured_anew_as_a_plain_average():
+    """recompute_batch_norm: the running mean becomes the plain average of the batches' means (momentum None),
+    with dropout off while it measures; momenta come back; a frozen (eval-mode) batch norm is not among the
+    layers that train."""
+    from torch import nn
+
+    from tunesmith.models.layers import recompute_batch_norm, training_batch_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    model.train()
+    model[3].eval()  # frozen, as the loop keeps a fully frozen module
+    norms = training_batch_norms(model)
+    assert norms == [model[1]]
+    model[1].running_mean.fill_(7.0)
+    frozen = model[3].running_mean.clone()
+    batches = [torch.randn(8, 4) * 3 + i for i in range(3)]
+    recompute_batch_norm(model, norms, lambda: [model(b) for b in batches])
+    expected = torch.stack([b.mean(0) for b in batches]).mean(0)  # dropout off: the inputs as they are
+    torch.testing.assert_close(model[1].running_mean, expected)
+    torch.testing.assert_close(model[1].running_var, torch.stack([b.var(0) for b in batches]).mean(0))
+    assert model[1].momentum == 0.1 and int(model[1].num_batches_tracked) == 3
+    assert torch.equal(model[3].running_mean, frozen)
+
+
+def test_image_soup_measures_its_batch_norm_statistics_anew(tiny_timm_dir, images, tmp_path, capsys):
+    """A model soup of a CNN: the averaged weights get statistics measured on the training rows, not the
+    average of the runs' statistics; the export carries them."""
+    import tunesmith
+
+    cfg = config(tiny_timm_dir, images, tmp_path, optim={"epochs": 2}, strategy={"lp_ft": True, "soup": 2})
+    result = tunesmith.train(cfg)
+    out = capsys.readouterr().out
+    n = sum(1 for m in result.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    soup = result.eval["soup"]
+    assert soup["members"] == 2 and soup["batch_norm_remeasured"] == n > 0
+    assert f"the statistics of {n} batch-norm layers measured anew on the {result.eval['data']['train']['rows']} training rows" in out
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    name = next(k for k, m in result.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # one pass over the training rows in batches of 8 (the runs' own count would be their optimizer steps)
+    assert int(saved[f"{name}.num_batches_tracked"]) == -(-result.eval["data"]["train"]["rows"] // 8)

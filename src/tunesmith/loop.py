@@ -10,6 +10,7 @@
         fit             epochs -> windows -> micro-batches; validation, checkpoints, early stopping
         restore_best    the weights of the best validation step (not in a soup's runs)
         soup            (LP-FT, small data) the stage again from its start, the runs' last weights averaged
+                        (batch-norm statistics measured anew on the training rows)
         keep_better_stage   (a later stage) the previous stage's weights when they were better on validation
     keep_fallback       (LP-FT) the probe stage's logistic regression when fine-tuning ended below it
     release_training_state  AdamW's moments, weight copies, gradients and kept buffers go before evaluating
@@ -54,7 +55,7 @@ from tunesmith.data.batching import make_batches, shard
 from tunesmith.errors import Interrupted, Stopped, UserError
 from tunesmith.model_card import model_card
 from tunesmith.models.fastops import clip_grad_norm_, release_buffers, return_freed_memory, speed_up
-from tunesmith.models.layers import enable_gradient_checkpointing
+from tunesmith.models.layers import enable_gradient_checkpointing, recompute_batch_norm, training_batch_norms
 from tunesmith.observers import (Checkpointer, ConsoleProgress, EarlyStopping, MetricsLog, Observer, Observers, ReportPage,
                                  Trackers, check_trackers)
 from tunesmith.optim import build_optimizer, build_scheduler
@@ -847,6 +848,7 @@ class Recipe:
             self.restore_best()
         self.load_weights({n: v / k for n, v in self.soup_sum.items()}, moving=True)
         self.soup_sum = None
+        remeasured = self.remeasure_batch_norm()
         s.best_metric = None  # the soup is the stage's result, whatever its members scored
         self.validate()
         metric, soup_score = self.cfg.train.metric, s.best_metric
@@ -856,10 +858,34 @@ class Recipe:
         for v in s.member_scores:
             if v is not None and self.task.better(metric, v, s.best_metric):
                 s.best_metric = v
-        self.ev["soup"] = {"members": k, f"member_{metric}": s.member_scores, metric: soup_score, "stage_score": s.best_metric}
+        self.ev["soup"] = {"members": k, f"member_{metric}": s.member_scores, metric: soup_score, "stage_score": s.best_metric,
+                           "batch_norm_remeasured": remeasured}
         runs = ", ".join("-" if v is None else f"{v:.4f}" for v in s.member_scores)
         self.console.print(f"model soup of {k} fine-tuning runs: validation {metric} {soup_score:.4f} (the runs' best: {runs}; "
                            f"the stage counts as {s.best_metric:.4f} against the probe stage; strategy.soup=1: one run)")
+
+    def remeasure_batch_norm(self) -> int:
+        """A soup's batch-norm statistics, measured anew on the training rows (one pass, no gradients, every
+        process over all rows so that all agree): the averaged running statistics do not describe the averaged
+        weights' activations (models/layers.py). Nothing to do for a model without batch norm (transformers)."""
+        model, task, enc = self.train_model, self.view.task, self.view.enc["train"]
+        set_train_mode(model)
+        norms = training_batch_norms(model)
+        if not norms:
+            return 0
+        t0, amp = time.perf_counter(), self.rt.amp
+
+        def forward_all() -> None:
+            for b in make_batches(enc.lengths, self.batch_size(), seed=self.cfg.train.seed, epoch=0, shuffle=False):
+                batch = {k: v.to(self.device) for k, v in task.collate(enc, b).items()}
+                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                    task.step(model, batch)
+
+        recompute_batch_norm(model, norms, forward_all)
+        set_train_mode(model)
+        self.console.print(f"model soup: the statistics of {len(norms)} batch-norm layers measured anew on the {len(enc)} "
+                           f"training rows ({time.perf_counter() - t0:.1f} s)")
+        return len(norms)
 
     def add_member(self) -> None:
         """The finished member's weights (its last step's) join the soup's sum; its best validation score is kept."""

@@ -16,8 +16,10 @@ the families below would give too.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from tunesmith.errors import UserError
@@ -139,3 +141,28 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def training_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The batch-norm layers that update their running statistics as the model trains (in training mode and
+    tracking statistics: the loop keeps frozen ones in eval mode)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
+
+
+def recompute_batch_norm(model: nn.Module, norms: list[nn.Module], forward_all: Callable[[], None]) -> None:
+    """Measure `norms`' running statistics anew, as the plain average over the batches `forward_all` runs
+    (momentum None), with every other module in eval mode (no dropout): what averaged weights need, because
+    their activations' statistics are not the average of the averaged models' (SWA's `update_bn`, Izmailov et
+    al. 2018; REPAIR, Jordan et al., ICLR 2023). The caller restores the modes it wants afterwards."""
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            forward_all()
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
