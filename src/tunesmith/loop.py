@@ -176,9 +176,9 @@ class Recipe:
         self.stages_mark: float | None = None  # since when the stages' wall time runs uncounted (None: paused)
         # (best validation value, its step, the weights) of the stage before this one, to keep if it was better
         self.previous: tuple[float | None, int, dict[str, torch.Tensor] | None] = (None, 0, None)
-        # (validation score, (head weight, head bias)) of a logistic regression fitted on the probe stage's features
-        # LP-FT's logistic regression kept aside: (the best validation score of the fits tried, the kept fit's own, its
-        # (weight, bias)); the first decides against fine-tuning, as before the fit was chosen on cross-validation
+        # LP-FT's logistic regression on the probe stage's features, kept aside: (the best validation score of the
+        # fits tried, the kept fit's own, its (weight, bias)); the first decides against fine-tuning, as it did
+        # before the fit was chosen on cross-validation
         self.fallback: tuple[float, float, Any] | None = None
         self.soup_sum: dict[str, torch.Tensor] | None = None  # strategy.soup: the finished members' weights, summed
         self.restored = False  # a resumed run's checkpoint is loaded once, into the fit it was written in
@@ -865,9 +865,10 @@ class Recipe:
                            f"the stage counts as {s.best_metric:.4f} against the probe stage; strategy.soup=1: one run)")
 
     def remeasure_batch_norm(self) -> int:
-        """A soup's batch-norm statistics, measured anew on the training rows (one pass, no gradients, every
-        process over all rows so that all agree): the averaged running statistics do not describe the averaged
-        weights' activations (models/layers.py). Nothing to do for a model without batch norm (transformers)."""
+        """A soup's batch-norm statistics, measured anew on the training rows (one pass, no gradients; every
+        process over all rows, with its own augmentation draws; the saved model is the main process's): the
+        averaged running statistics do not describe the averaged weights' activations (models/layers.py).
+        Nothing to do for a model without batch norm (transformers)."""
         model, task, enc = self.train_model, self.view.task, self.view.enc["train"]
         set_train_mode(model)
         norms = training_batch_norms(model)

@@ -167,7 +167,8 @@ class FeatureExtractionOptions(StrategyOptions):
     )
     probe_start: bool = Field(
         True, description="feature-extraction: a linear head is the logistic regression best on validation (the linear probe among the "
-        "candidates; under 200 validation rows, on 5-fold cross-validation over the training rows with them), fitted in closed form; no gradient steps follow. false: the head trains from a random start at optim.lr. "
+        "candidates; under 200 validation rows, on 5-fold cross-validation over the training rows with them), fitted in closed form; "
+        "no gradient steps follow. false: the head trains from a random start at optim.lr. "
         "(LP-FT's probe stage keeps the fit aside as the run's fallback.)"
     )
 
