@@ -139,17 +139,22 @@ def test_soup_is_the_mean_of_the_fine_tuning_runs_last_weights(make_config, caps
     from tunesmith.loop import run
     from tunesmith.observers import Observer
 
-    lasts, bests, validated = [], [], []
+    lasts, bests, validated, best, copies = [], [], [], {}, []
 
     class Watch(Observer):
         def fit_end(self, run):
             if run.state.stage == 1:
                 lasts.append({n: t.detach().clone() for n, t in run.state_tensors(moving=True).items()})
-                bests.append({n: t.clone() for n, t in run.best_state.items()})
+                bests.append(dict(best))
 
         def validation_end(self, run, metrics, improved):
             if run.state.stage == 1:
-                validated.append((metrics["macro_f1"], {n: t.detach().clone() for n, t in run.state_tensors(moving=True).items()}))
+                weights = {n: t.detach().clone() for n, t in run.state_tensors(moving=True).items()}
+                validated.append((metrics["macro_f1"], weights))
+                copies.append(run.best_state)  # no copy of the best step in a soup's runs: they are not restored
+                if improved:
+                    best.clear()
+                    best.update(weights)
 
     cfg = tunesmith.load_config(make_config(strategy={"name": "full", "lp_ft": True, "soup": 3}, optim={"epochs": 4}))
     ev, out = run(cfg, observers=[Watch()]).eval, capsys.readouterr().out
@@ -161,6 +166,7 @@ def test_soup_is_the_mean_of_the_fine_tuning_runs_last_weights(make_config, caps
     assert ev["train"]["steps"] == probe + 3 * tune
     assert any(not torch.equal(lasts[0][n], lasts[1][n]) for n in lasts[0])  # the runs differ
     assert any(not torch.equal(lasts[i][n], bests[i][n]) for i in range(3) for n in lasts[i])  # and differ from their best steps
+    assert copies and all(c is None for c in copies)
     score, soup = validated[-1]  # the last validation of the stage: the soup's
     assert score == pytest.approx(ev["soup"]["macro_f1"]) and soup.keys() == lasts[0].keys()
     # against the probe stage and the fallback the stage counts as the best of its runs and the soup

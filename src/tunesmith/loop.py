@@ -736,8 +736,10 @@ class Recipe:
         improved = self.task.better(metric, m[metric], s.best_metric)
         if improved:
             s.best_metric, s.best_step, s.evals_without_gain = m[metric], s.step, 0
-            # a CPU copy of what can change (trainable weights, batch-norm statistics): frozen weights cannot
-            self.best_state = {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors(moving=True).items()}
+            # a CPU copy of what can change (trainable weights, batch-norm statistics): frozen weights cannot. Not in a
+            # model soup's stage: its runs keep their last weights and the soup is the result (`restore_best`, `soup`)
+            if self.soup_size() < 2:
+                self.best_state = {n: t.detach().to("cpu", copy=True) for n, t in self.state_tensors(moving=True).items()}
         else:
             s.evals_without_gain += 1
         self.events.validation_end(self, m, improved)
