@@ -274,15 +274,18 @@ def test_probe_head_chooses_on_cross_validation_when_validation_is_small(make_co
 
 def test_guard_takes_the_cross_validated_choice_of_feature_extraction_over_the_probe(make_config):
     """Feature-extraction's head was chosen over the linear probe's own fit on cross-validation with the validation
-    rows: the guard does not overrule that on the validation rows alone. Any other strategy is still compared there."""
+    rows: the guard does not overrule that on the validation rows alone. A fit set aside and not kept (LP-FT's
+    fallback, fine-tuning won), or fitted on tuned features (contrastive's head), is still compared there."""
     chosen_by = {"folds": 5, "rows": 104, "macro_f1": 0.62, "linear_probe": 0.47}
+    start = {"installed": True, "starting_features": True, "macro_f1": 0.0, "chosen_by": chosen_by}
     ev = {"validation_best": {"macro_f1": 0.0}, "baseline_validation": {"before": {"macro_f1": 0.0}, "linear_probe": {"macro_f1": 0.5}},
-          "features": {"probe_start": {"installed": True, "macro_f1": 0.0, "chosen_by": chosen_by}}}
+          "features": {"probe_start": start}}
     guard = _probe_task(make_config).guard(ev, 4)
     assert not guard["worse"] and "linear_probe" not in guard["baselines"]
     assert guard["linear_probe_cross_validated"] == {"tuned": 0.62, "linear_probe": 0.47, "rows": 104}
-    full = _probe_task(make_config, "full").guard(ev, 4)
-    assert full["worse"] and full["best_baseline"] == "linear_probe"
+    for other in ({"installed": False}, {"starting_features": False}):
+        compared = _probe_task(make_config, "full").guard({**ev, "features": {"probe_start": {**start, **other}}}, 4)
+        assert compared["worse"] and compared["best_baseline"] == "linear_probe"
 
 
 def test_feature_extraction_head_is_the_best_logistic_regression(make_config, capsys):

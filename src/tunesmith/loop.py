@@ -186,7 +186,6 @@ class Recipe:
         self.budget_notes: list[str] = []  # this stage's budget lines, shown when its first gradient step is near
         self.shown_notes: set[str] = set()
         self.stages: list[Stage] = []  # set by the recipe
-        self.n_stages = 1
         self.opened = False
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ class Recipe:
         self.prepare_model()
         resume_stage = self.state.stage
         stages = self.strategy.stages(self.task)
-        self.stages, self.n_stages = stages, len(stages)
+        self.stages = stages
         with self.signals():
             self.start_stages_clock()
             for i, stage in enumerate(stages):
@@ -817,6 +816,10 @@ class Recipe:
             self.console.print(f"restored the best weights (step {s.best_step}, validation {self.cfg.train.metric} "
                                f"{s.best_metric:.4f})")
 
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages) or 1  # one before the recipe has set them (the learning-rate range test)
+
     def soup_size(self) -> int:
         """How many fine-tuning runs of this stage are averaged (strategy.soup; 1: none)."""
         if not self.stage.soup or self.previous[2] is None:  # not a soup's stage (Stage.soup), or no shared start
@@ -952,6 +955,7 @@ class Recipe:
         self.console.print(f"kept the logistic regression on the probe stage's features: its validation {metric} {score:.4f} "
                            f"beats fine-tuning's {s.best_metric:.4f}{chosen}")
         self.ev["kept_stage"] = {"stage": "logistic regression", metric: score, "instead_of": s.best_metric, f"fit_{metric}": own}
+        self.ev["features"]["probe_start"]["installed"] = True  # the fit is the model's head now
         s.best_metric = own
 
     def fallback_head(self) -> list[nn.Parameter]:

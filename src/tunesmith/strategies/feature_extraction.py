@@ -336,6 +336,7 @@ class FeatureExtraction(BaseStrategy):
         weight, bias, chosen = fitted
         chosen["seconds"] = round(time.perf_counter() - t0, 2)
         chosen["installed"] = self.probe_role == "start"
+        chosen["starting_features"] = self.use_cache  # the starting model's features: the linear probe's fit is a candidate
         cv = chosen.get("chosen_by")
         what = (f"logistic regression (C {chosen['C']:g}{', balanced' if chosen['class_weight'] else ''}) on {chosen['rows']} rows"
                 + (f", chosen on {cv['folds']}-fold cross-validation with the validation rows ({cv['rows']} rows)" if cv else "")

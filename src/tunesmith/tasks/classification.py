@@ -193,9 +193,8 @@ class ClassificationTask(Task):
         metric, tuned = self.config.train.metric, (ev.get("validation_best") or {})
         baselines = {k: v[metric] for k, v in (ev.get("baseline_validation") or {}).items() if metric in v}
         start = (ev.get("features") or {}).get("probe_start") or {}
-        regression = ((start.get("installed") and self.config.strategy.name == "feature-extraction")
-                      or (ev.get("kept_stage") or {}).get("stage") == "logistic regression")  # LP-FT's fallback kept
-        cv = start.get("chosen_by") if regression else None
+        # the model's head is the fit on the starting model's features (feature-extraction's; LP-FT's fallback, kept)
+        cv = start.get("chosen_by") if start.get("installed") and start.get("starting_features") else None
         if cv and "linear_probe" in baselines:
             # the head is the regression chosen over the linear probe's own fit on cross-validation with the validation
             # rows (probe_head): on more rows than validation's alone, so that comparison is already made there
