@@ -78,16 +78,22 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, n_labels: int, multi_lab
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     scaler = StandardScaler().fit(train_x)
     tx = scaler.transform(train_x)
     clf = LogisticRegression(max_iter=2000, C=c, random_state=seed, class_weight="balanced" if balanced else None)
+    # one BLAS thread: lbfgs's products are small (rows x hundreds of features), and OpenBLAS's threads beside
+    # torch's made each fit 3-16x slower on 2 cores (docs/benchmarks.md, "Time to accuracy")
+    with threadpool_limits(1, user_api="blas"):
+        if multi_label:
+            ovr = OneVsRestClassifier(clf).fit(tx, train_y.astype(int))
+        else:
+            clf.fit(tx, train_y)
     if multi_label:
-        ovr = OneVsRestClassifier(clf).fit(tx, train_y.astype(int))
         coef = np.concatenate([e.coef_ for e in ovr.estimators_])
         intercept = np.concatenate([e.intercept_ for e in ovr.estimators_])
     else:
-        clf.fit(tx, train_y)
         present = clf.classes_.astype(int)
         coef, intercept = clf.coef_, clf.intercept_
         if coef.shape[0] == 1:  # binary: one score for the second class
