@@ -214,3 +214,47 @@ def test_clipping_gives_torchs_norm_and_gradients(scale):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-12, equal_nan=True)
     if scale == 1e-3:  # not clipped: the gradients untouched, bit for bit
         assert all(torch.equal(b.grad, gr) for b, gr in zip(fast, grads))
+
+
+def test_linear_weights_cast_gives_autocasts_outputs_bit_for_bit(tiny_llama_dir):
+    """precision.linear_weights_cast (inference passes in bf16): the same logits as autocast's per-batch casts,
+    LoRA included; every weight back in float32 afterwards, the same tensors; nothing cast while gradients are
+    recorded; an output layer tied to the embedding left alone (casting it would change the embedding too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.precision import linear_weights_cast
+
+    def logits(model, cast):
+        with torch.no_grad(), linear_weights_cast(model, torch.bfloat16 if cast else None) as n:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(input_ids=ids, attention_mask=mask).logits.float(), n
+
+    ids, mask, _ = batch()
+    bert = tiny_bert().eval()
+    lora = get_peft_model(tiny_bert(seed=1), LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    with torch.no_grad():  # a LoRA update that is not zero
+        for n_, p in lora.named_parameters():
+            if "lora_B" in n_:
+                p.normal_()
+    lora.eval()
+    # BERT: 6 linear layers a block, 2 blocks, the pooler and the classifier, each a weight and a bias; LoRA adds
+    # A and B (no bias) on 2 modules a block, and a trainable copy of the classifier
+    for model, linears in ((bert, 2 * (2 * 6 + 2)), (lora, 2 * (2 * 6 + 2) + 2 * 2 * 2 + 2)):
+        before = {n_: (p, p.data_ptr(), p.clone()) for n_, p in model.named_parameters()}
+        (plain, zero), (cast, n) = logits(model, False), logits(model, True)
+        assert zero == 0 and n == linears and torch.equal(plain, cast)
+        for n_, p in model.named_parameters():  # restored: the same parameter, storage and values, in float32
+            assert p is before[n_][0] and p.dtype == torch.float32 and p.data_ptr() == before[n_][1] and torch.equal(p, before[n_][2])
+    with linear_weights_cast(bert, torch.bfloat16) as n:  # gradients on: autocast must see the float32 weights
+        assert n == 0 and bert.classifier.weight.dtype == torch.float32
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), linear_weights_cast(llama, torch.bfloat16) as n:
+        assert llama.lm_head.weight.dtype == torch.float32 and llama.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert n == 2 * 7  # 7 linear layers a block (no biases), 2 blocks; not the tied output layer
+    (plain, _), (cast, _) = logits(llama, False), logits(llama, True)
+    assert torch.equal(plain, cast)

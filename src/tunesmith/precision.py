@@ -11,6 +11,9 @@ AMX and autocast's casts cost more than they save (EfficientNet-Lite0 on a 2-cor
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -49,3 +52,31 @@ def resolve_precision(requested: str, device: torch.device, model: nn.Module) ->
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+@contextlib.contextmanager
+def linear_weights_cast(model: nn.Module, amp: torch.dtype | None) -> Iterator[int]:
+    """For an inference pass of many batches under autocast: the float32 weights and biases of `nn.Linear`
+    layers cast to the autocast dtype once for the pass, not at every batch (autocast casts a weight at each
+    forward and keeps the cast only for weights that train, within one autocast region). The outputs are bit
+    for bit the same: autocast's cast is the same rounding. Inside no_grad only; weights shared with another
+    kind of module (an embedding tied to an output layer) are left alone; every weight is restored on exit.
+    Measured: the packaged MiniLM's feature pass over 3,600 rows in bf16, 5.5 s -> 4.7 s (docs/benchmarks.md).
+    Yields how many tensors were cast."""
+    if amp is None or torch.is_grad_enabled():
+        yield 0
+        return
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m._parameters.values() if p is not None}
+    saved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            for p in (m.weight, m.bias):
+                if p is not None and p.dtype == torch.float32 and id(p) not in shared and id(p) not in saved:
+                    saved[id(p)] = (p, p.data)
+    try:
+        for p, data in saved.values():
+            p.data = data.to(amp)
+        yield len(saved)
+    finally:
+        for p, data in saved.values():
+            p.data = data

@@ -37,6 +37,7 @@ from torch import nn
 
 from tunesmith.errors import UserError
 from tunesmith.models.heads import mean_pool
+from tunesmith.precision import linear_weights_cast
 from tunesmith.strategies.base import BaseStrategy, ModelParts, ParamGroup, Stage, StrategyOptions, TrainingView, freeze, unfreeze
 
 
@@ -141,13 +142,14 @@ class PairTask:
         was = model.training
         model.eval()
         out = np.zeros((len(enc), 0), dtype=np.float32)
-        for b in make_batches(enc.lengths, rt.batch_size, seed=0, epoch=0, shuffle=False):
-            batch = {k: v.to(rt.device) for k, v in self._task.collate(enc, b, train=False).items() if k != "labels"}
-            with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
-                e = embed(model, batch).float().cpu().numpy()
-            if out.shape[1] == 0:
-                out = np.zeros((len(enc), e.shape[1]), dtype=np.float32)
-            out[b] = e
+        with linear_weights_cast(model, rt.amp):
+            for b in make_batches(enc.lengths, rt.batch_size, seed=0, epoch=0, shuffle=False):
+                batch = {k: v.to(rt.device) for k, v in self._task.collate(enc, b, train=False).items() if k != "labels"}
+                with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
+                    e = embed(model, batch).float().cpu().numpy()
+                if out.shape[1] == 0:
+                    out = np.zeros((len(enc), e.shape[1]), dtype=np.float32)
+                out[b] = e
         model.train(was)
         return out
 

@@ -40,6 +40,7 @@ from torch import nn
 from tunesmith.errors import UserError
 from tunesmith.models.cache import cache_root, model_identity
 from tunesmith.models.heads import make_head, mean_pool, mean_pooled_in_model, sentence_transformers_pooling
+from tunesmith.precision import linear_weights_cast
 from tunesmith.strategies.base import (
     BaseStrategy,
     ModelParts,
@@ -245,31 +246,33 @@ class FeatureExtraction(BaseStrategy):
         model.eval()
         feats: torch.Tensor | None = None
         try:
-            for b in make_batches(enc.lengths, batch_size, seed=0, epoch=0, shuffle=False):
-                batch = {k: v.to(device) for k, v in task.collate(enc, b, train=False).items() if k != "labels"}
-                captured.clear()
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    if not self.capture_head_input:  # the backbone alone; its own pooler and head are not used
-                        hidden = model.base_model(**batch).last_hidden_state
-                        captured.append(mean_pool(hidden.float(), batch["attention_mask"]))
+            with linear_weights_cast(model, amp):  # bit for bit what per-batch casts give, once for the pass
+                for b in make_batches(enc.lengths, batch_size, seed=0, epoch=0, shuffle=False):
+                    batch = {k: v.to(device) for k, v in task.collate(enc, b, train=False).items() if k != "labels"}
+                    captured.clear()
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        if not self.capture_head_input:  # the backbone alone; its own pooler and head are not used
+                            hidden = model.base_model(**batch).last_hidden_state
+                            captured.append(mean_pool(hidden.float(), batch["attention_mask"]))
+                        else:
+                            model(**batch)
+                    x = captured[0]
+                    if x.ndim == 3:
+                        if self.first_token is None:  # does the head read only the first token itself?
+                            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # its weights' dtype
+                                self.first_token = bool(torch.allclose(head(x).float(), head(x[:, :1]).float(), atol=1e-5))
+                            if not self.first_token:
+                                raise UserError(
+                                    "feature-extraction: this model's head uses the whole sequence, which is too large "
+                                    "to cache; use strategy head-only"
+                                )
+                        x = x[:, 0]
                     else:
-                        model(**batch)
-                x = captured[0]
-                if x.ndim == 3:
-                    if self.first_token is None:  # does the head read only the first token itself?
-                        self.first_token = bool(torch.allclose(head(x), head(x[:, :1]), atol=1e-5))
-                        if not self.first_token:
-                            raise UserError(
-                                "feature-extraction: this model's head uses the whole sequence, which is too large "
-                                "to cache; use strategy head-only"
-                            )
-                    x = x[:, 0]
-                else:
-                    self.first_token = False
-                x = x.float().cpu()
-                if feats is None:
-                    feats = torch.zeros(len(enc), x.shape[-1])
-                feats[b] = x
+                        self.first_token = False
+                    x = x.float().cpu()
+                    if feats is None:
+                        feats = torch.zeros(len(enc), x.shape[-1])
+                    feats[b] = x
         finally:
             handle.remove()
         return feats if feats is not None else torch.zeros(0, 1)

@@ -23,6 +23,7 @@ from tunesmith.data.text import TextSet, check_known_labels, is_multi_label, rea
 from tunesmith.errors import UserError
 from tunesmith.models.heads import mean_pool, sentence_transformers_pooling, use_mean_pooling
 from tunesmith.models.safety import check_weights_safety, loading_weights
+from tunesmith.precision import linear_weights_cast
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime, TokenView
 from tunesmith.tasks.classification import ClassificationTask
 from tunesmith.validate import DataReport, classification_report, token_lengths
@@ -289,15 +290,16 @@ print(clf("some text", top_k=None))
         """Logits of this process's rows (and their mean-pooled last hidden states if asked)."""
         was_training = model.training
         model.eval()
-        for b in make_batches(enc.lengths, rt.batch_size, seed=0, epoch=0, shuffle=False):
-            b = shard(b, rt.rank, rt.world)
-            if not b:
-                continue
-            batch = {k: v.to(rt.device) for k, v in self.collate(enc, b).items() if k != "labels"}
-            with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
-                out = model(**batch, output_hidden_states=features)
-            pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy() if features else None
-            acc.update(b, out.logits.float().cpu().numpy(), pooled)
+        with linear_weights_cast(model, rt.amp):
+            for b in make_batches(enc.lengths, rt.batch_size, seed=0, epoch=0, shuffle=False):
+                b = shard(b, rt.rank, rt.world)
+                if not b:
+                    continue
+                batch = {k: v.to(rt.device) for k, v in self.collate(enc, b).items() if k != "labels"}
+                with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
+                    out = model(**batch, output_hidden_states=features)
+                pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy() if features else None
+                acc.update(b, out.logits.float().cpu().numpy(), pooled)
         model.train(was_training)
 
 
