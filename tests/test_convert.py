@@ -115,6 +115,13 @@ def test_trainer_arguments_and_bad_input(tmp_path, capsys):
     cfg, text, _ = _convert(tmp_path, capsys, "args.json", json.dumps(args))
     assert cfg["optim"] == {"lr": 5e-5, "epochs": 3, "batch_size": 32, "warmup": 0.06, "scheduler": "linear", "weight_decay": 0.01}
     assert cfg["train"] == {"micro_batch_size": 16, "seed": 42} and "#   optim: tunesmith always uses AdamW" in text
+    for strategy, train in (("epoch", {"checkpoint_minutes": 0}), ("no", {"checkpoint_epochs": False}), ("steps", {})):
+        src = {"per_device_train_batch_size": 8, "save_strategy": strategy}
+        cfg, _, _ = _convert(tmp_path, capsys, f"save-{strategy}.json", json.dumps(src))
+        assert cfg["train"] == {"micro_batch_size": 8, **train}
+    src = {"per_device_train_batch_size": 8, "save_strategy": "best"}
+    cfg, text, err = _convert(tmp_path, capsys, "save-best.json", json.dumps(src))
+    assert "#   save_strategy: save_strategy 'best' is not one of epoch, steps, no" in text and "not mapped: save_strategy" in err
     (tmp_path / "x.yaml").write_text("foo: 1\n")
     for argv, fragment in ((["config", "convert", str(tmp_path / "x.yaml")], "cannot tell the config's tool"),
                            (["config", "convert", str(tmp_path / "nope.yaml")], "does not exist"),

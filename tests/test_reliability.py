@@ -119,7 +119,7 @@ def test_a_run_that_fails_after_starting_is_marked_failed_and_resumes(make_confi
 
     monkeypatch.setattr(TextClassification, "step", step)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(make_config()))
+    cfg.write_text(yaml.safe_dump(make_config(train={"checkpoint_minutes": 0})))  # a checkpoint at every epoch's end
     rc = main(["train", str(cfg), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err

@@ -43,7 +43,8 @@ def resume_config(make_config, dropout_model_dir, data_dir):
         cfg = make_config(model=str(dropout_model_dir), output_dir=str(out), resume="auto",
                           optim={"epochs": 3, "batch_size": 16},
                           strategy={"name": "full", "replay": {"file": str(data_dir / "general.csv"), "fraction": 0.2}},
-                          train={"checkpoint_every": 2, "keep_checkpoints": 2, "max_length": 32, "seed": 0, "log_every": 1})
+                          train={"checkpoint_every": 2, "keep_checkpoints": 2, "max_length": 32, "seed": 0, "log_every": 1,
+                                 "checkpoint_minutes": 0})  # and at every epoch's end
         for k, v in extra.items():
             cfg[k].update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
         return cfg

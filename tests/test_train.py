@@ -143,7 +143,9 @@ def test_truncated_rows_are_counted(make_config, tiny_model_dir, data_dir):
 
 def test_epoch_checkpoints_skip_the_runs_last_epoch(make_config, monkeypatch):
     """train.checkpoint_epochs writes at the end of every epoch but the run's last (the run then finishes and keeps
-    no checkpoints); LP-FT's probe stage is not the last, so its epochs are checkpointed."""
+    no checkpoints); LP-FT's probe stage is not the last, so its epochs are checkpointed. That is with
+    checkpoint_minutes 0; at its default (5) a run of seconds writes none, and one whose training clock passes the
+    minutes writes one at the first epoch's end after that, then waits the minutes again."""
     from tunesmith.loop import Recipe
 
     saved: list[tuple[int, int]] = []
@@ -154,13 +156,23 @@ def test_epoch_checkpoints_skip_the_runs_last_epoch(make_config, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(Recipe, "save_checkpoint", counting)
-    ev = tunesmith.train(make_config(optim={"epochs": 3, "min_steps": 0}, strategy={"name": "full", "lp_ft": False})).eval
+    every = {"checkpoint_minutes": 0}
+    ev = tunesmith.train(make_config(optim={"epochs": 3, "min_steps": 0}, strategy={"name": "full", "lp_ft": False},
+                                     train=every)).eval
     per_epoch = ev["train"]["steps"] // 3
     assert saved == [(0, per_epoch), (0, 2 * per_epoch)]
     saved.clear()
     lp_ft = {"name": "full", "lp_ft": True, "soup": 1}
-    tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy=lp_ft, overwrite=True))
+    tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy=lp_ft, train=every, overwrite=True))
     assert [stage for stage, _ in saved] == [0, 0, 1]  # both probe-stage epochs, the first fine-tuning epoch
     saved.clear()
-    tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy={**lp_ft, "soup": 2}, overwrite=True))
+    tunesmith.train(make_config(optim={"epochs": 2, "min_steps": 0}, strategy={**lp_ft, "soup": 2}, train=every, overwrite=True))
     assert [stage for stage, _ in saved] == [0, 0, 1, 1, 1]  # a soup's first run is not the last: both its epochs
+    saved.clear()
+    five_epochs = {"optim": {"epochs": 5, "min_steps": 0}, "strategy": {"name": "full", "lp_ft": False}, "overwrite": True}
+    tunesmith.train(make_config(**five_epochs))
+    assert saved == []  # the default: seconds of training, no checkpoint
+    # the training clock read as 4 minutes an epoch: 5 minutes have passed at the ends of epochs 2 and 4
+    monkeypatch.setattr(Recipe, "stages_time_now", lambda self: 240.0 * self.state.epoch)
+    tunesmith.train(make_config(**five_epochs))
+    assert saved == [(0, 2 * per_epoch), (0, 4 * per_epoch)]

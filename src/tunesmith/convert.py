@@ -76,6 +76,15 @@ def _scheduler(v: Any, src: dict[str, Any]) -> dict[str, Any]:
     return {"optim.scheduler": v}
 
 
+def _save_strategy(v: Any, src: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer's save_strategy: "epoch" saves at every epoch's end (tunesmith's default waits 5 minutes of
+    training between those), "no" saves nothing, "steps" is save_steps' (train.checkpoint_every)."""
+    rules = {"epoch": {"train.checkpoint_minutes": 0}, "no": {"train.checkpoint_epochs": False}, "steps": {}}
+    if v not in rules:
+        raise Unmapped(f"save_strategy '{v}' is not one of epoch, steps, no")
+    return rules[v]
+
+
 def _batch(per_device_key: str, accum_key: str) -> Rule:
     def rule(v: Any, src: dict[str, Any]) -> dict[str, Any]:
         accum = src.get(accum_key) or 1
@@ -118,7 +127,7 @@ TRAINER: dict[str, Rule] = {
     "group_by_length": to("train.group_by_length", bool), "resume_from_checkpoint": lambda v, s: {"resume": True} if v else {},
     "overwrite_output_dir": to("overwrite", bool),
     "load_best_model_at_end": ignore, "do_train": ignore, "do_eval": ignore, "eval_strategy": ignore,
-    "evaluation_strategy": ignore, "save_strategy": ignore, "logging_strategy": ignore,
+    "evaluation_strategy": ignore, "save_strategy": _save_strategy, "logging_strategy": ignore,
     "report_to": skip("trackers are not available yet"), "optim": skip("tunesmith always uses AdamW (torch's fused when it can)"),
 }
 

@@ -401,7 +401,7 @@ class Recipe:
         self.events = Observers([
             ConsoleProgress(self.console, self.task.unit, show=not (self.quiet or not main)),
             self.metrics_log,
-            Checkpointer(cfg.train.checkpoint_every, cfg.train.checkpoint_epochs),
+            Checkpointer(cfg.train.checkpoint_every, cfg.train.checkpoint_epochs, cfg.train.checkpoint_minutes),
             EarlyStopping(cfg.train.early_stopping),
             ReportPage(),
             *([Trackers(cfg.train.report_to, out, self.user_config)] if cfg.train.report_to and main else []),
@@ -788,6 +788,14 @@ class Recipe:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds in any process (one all-reduce under DDP): for decisions every process must share."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def check_interrupt(self) -> None:
         if self.world > 1:  # a signal may reach the processes at different steps: all stop at the same one
