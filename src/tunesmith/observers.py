@@ -171,7 +171,7 @@ class Checkpointer(Observer):
     """A checkpoint every `train.checkpoint_every` steps, and at the end of an epoch (`checkpoint_epochs`) once
     `checkpoint_minutes` of training have passed since the run started or resumed or the last checkpoint (as
     Lightning's ModelCheckpoint(train_time_interval=...)): a checkpoint of MiniLM (weights, AdamW's moments, the best
-    and stage-start copies) takes 2-3.5 s to write, and a 2,000-row run wrote eight of them, 20 s of its 118 s."""
+    and stage-start copies) takes 2-3.5 s to write, and a 2,000-row run wrote eight of them, 22 s of its 118 s."""
 
     def __init__(self, every: int, epochs: bool, minutes: float = 0.0):
         self.every, self.epochs, self.seconds = every, epochs, minutes * 60
