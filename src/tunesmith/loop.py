@@ -729,6 +729,7 @@ class Recipe:
     def validate(self) -> None:
         """Evaluate on validation; keep a copy of the best weights."""
         s, metric = self.state, self.cfg.train.metric
+        self.share_buffers()
         m, _ = self.view.task.evaluate(self.accelerator.unwrap_model(self.train_model), self.view.enc["validation"], self.rt)
         self.events.log(self, {"type": "eval", "split": "validation", "step": s.step, "epoch": s.epoch,
                                **{k: v for k, v in m.items() if k not in ("per_class", "confusion_matrix")}})
@@ -788,6 +789,15 @@ class Recipe:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+
+    def share_buffers(self) -> None:
+        """Under DDP every process takes rank 0's buffers, the batch-norm running statistics among them: DDP broadcasts
+        rank 0's before each forward, then each process moves them with its own part of the batch, and evaluations
+        are sharded across processes (and rank 0's model is the one saved). Training is unchanged: the next forward
+        broadcasts rank 0's buffers anyway."""
+        if self.world > 1:
+            for b in self.accelerator.unwrap_model(self.train_model).buffers():
+                torch.distributed.broadcast(b, src=0)
 
     def any_process(self, flag: bool) -> bool:
         """Whether `flag` holds in any process (one all-reduce under DDP): for decisions every process must share."""
@@ -992,6 +1002,7 @@ class Recipe:
 
     def final_evaluation(self) -> None:
         s, ev = self.state, self.ev
+        self.share_buffers()
         trained = self.accelerator.unwrap_model(self.train_model)
         trained.eval()
         self.whole_model().eval()
