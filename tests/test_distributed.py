@@ -61,16 +61,16 @@ def test_two_processes_match_each_other_and_one_process(make_config, tmp_path, s
     assert (results[2] / "run" / "eval.json").exists()
 
 
-@pytest.mark.parametrize("soup", [1, 2], ids=["one-run", "soup"])
-def test_two_processes_end_with_one_batch_norm_model(tiny_timm_dir, tmp_path, soup):
+def test_two_processes_end_with_one_batch_norm_model(tiny_timm_dir, tmp_path):
     """A CNN with batch norm under DDP: each process's running statistics move with its own half-batches (DDP
-    only broadcasts rank 0's before each forward), and a soup measures them anew on the training rows. Both
-    processes must end holding the same model, the one rank 0 saves: their evaluations are sharded."""
+    only broadcasts rank 0's before each forward). Both processes must end holding the same model, the one rank 0
+    saves: their evaluations are sharded. (A soup, whose statistics are measured anew on the training rows, passed
+    the same check before and after Recipe.share_buffers; left out of the default run for its 12 s.)"""
     from test_images import config, make_images
 
     make_images(tmp_path / "train", 16, 0)
     make_images(tmp_path / "test", 6, 1)
-    cfg = config(tiny_timm_dir, tmp_path, tmp_path, optim={"epochs": 2}, strategy={"lp_ft": soup > 1, "soup": soup})
+    cfg = config(tiny_timm_dir, tmp_path, tmp_path, optim={"epochs": 2}, strategy={"lp_ft": False, "soup": 1})
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
@@ -82,5 +82,4 @@ def test_two_processes_end_with_one_batch_norm_model(tiny_timm_dir, tmp_path, so
     stats = [k for k in r0 if k.endswith("running_mean")]
     assert stats and all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
     assert all(torch.equal(r0[k], saved[k]) for k in stats)
-    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert ev["soup"]["batch_norm_remeasured"] > 0 if soup > 1 else "soup" not in ev
+    assert "soup" not in json.loads((tmp_path / "run" / "eval.json").read_text())
