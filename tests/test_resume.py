@@ -82,12 +82,14 @@ def uninterrupted(tmp_path, resume_config):
     return _UNINTERRUPTED["weights"]
 
 
+# step3 and in-ckpt10 repeat what step8 and in-ckpt6 check (a kill after a step checkpoint; a torn write)
+# at another point: `pytest -m slow` runs them, the default run (about 11 s each) does not
 @pytest.mark.parametrize("kill", [
-    {"KILL_AT_CALL": "3"},          # mid-epoch 1, after the checkpoint at step 2
-    {"KILL_AT_CALL": "8"},          # epoch 2, after the epoch-1 checkpoint and step 8's
-    {"KILL_AT_CALL": "16"},         # epoch 3, just before the end
-    {"KILL_IN_CHECKPOINT": "6"},    # while writing the end-of-epoch-1 checkpoint
-    {"KILL_IN_CHECKPOINT": "10"},   # while writing a mid-epoch checkpoint
+    pytest.param({"KILL_AT_CALL": "3"}, marks=pytest.mark.slow),          # mid-epoch 1, after the checkpoint at step 2
+    {"KILL_AT_CALL": "8"},                                                # epoch 2, after the epoch-1 checkpoint and step 8's
+    {"KILL_AT_CALL": "16"},                                               # epoch 3, just before the end
+    {"KILL_IN_CHECKPOINT": "6"},                                          # while writing the end-of-epoch-1 checkpoint
+    pytest.param({"KILL_IN_CHECKPOINT": "10"}, marks=pytest.mark.slow),   # while writing a mid-epoch checkpoint
 ], ids=["step3", "step8", "step16", "in-ckpt6", "in-ckpt10"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, resume_config, uninterrupted, kill):
     out = tmp_path / "run"
