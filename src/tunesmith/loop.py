@@ -799,20 +799,19 @@ class Recipe:
             for b in self.accelerator.unwrap_model(self.train_model).buffers():
                 torch.distributed.broadcast(b, src=0)
 
-    def any_process(self, flag: bool) -> bool:
-        """Whether `flag` holds in any process (one all-reduce under DDP): for decisions every process must share."""
+    def process_max(self, value: int) -> int:
+        """The largest `value` over the processes (one all-reduce under DDP): for decisions every process must share."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
+            return value
+        t = torch.tensor([value], device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def check_interrupt(self) -> None:
         if self.world > 1:  # a signal may reach the processes at different steps: all stop at the same one
-            flag = torch.tensor([self.interrupted.get("sig", 0)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item():
-                self.interrupted.setdefault("sig", int(flag.item()))
+            sig = self.process_max(self.interrupted.get("sig", 0))
+            if sig:
+                self.interrupted.setdefault("sig", sig)
         if not self.interrupted:
             return
         s = self.state

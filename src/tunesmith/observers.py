@@ -193,7 +193,7 @@ class Checkpointer(Observer):
         # (a kill in those seconds resumes from the one before)
         if self.epochs and run.training_continues():
             due = run.stages_time_now() - (self.since or 0.0) >= self.seconds
-            if run.any_process(due):  # every process checkpoints, or none: their clocks differ
+            if run.process_max(int(due)):  # every process checkpoints, or none: their clocks differ
                 run.save_checkpoint()
 
 
