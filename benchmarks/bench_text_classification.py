@@ -2,6 +2,7 @@
 
     python benchmarks/bench_text_classification.py            # full table (about 10 minutes on 2 cores)
     python benchmarks/bench_text_classification.py --quick    # 500 train / 500 test rows
+    python benchmarks/bench_text_classification.py --pooling cls   # both tools on a first-token (CLS) classifier
 
 Same model (packaged MiniLM-L6), same data (Rotten Tomatoes snippets, 2,000 train / 2,000 held
 out, seeded), batch 32, lr 5e-5, 1 epoch, max length 128. The Trainer gets every speed option a
@@ -80,7 +81,7 @@ def run_trainer(args, train_csv: Path, test_csv: Path, bf16: bool) -> dict:
     from tunesmith.models import resolve_model
 
     torch.manual_seed(0)
-    path = str(resolve_model("minilm-l6").path)
+    path = args.model_dir or str(resolve_model("minilm-l6").path)
     tok = AutoTokenizer.from_pretrained(path)
 
     def load(p: Path):
@@ -153,7 +154,7 @@ def run_tunesmith(args, train_csv: Path, test_csv: Path, out: Path) -> dict:
     result = tunesmith.train(
         {
             "task": "text-classification",
-            "model": "minilm-l6",
+            "model": args.model_dir or "minilm-l6",
             "data": {"train": str(train_csv), "test": str(test_csv), "validation": str(test_csv)},
             # equal arithmetic: one plain fine-tuning pass, as the Trainer does (no LP-FT stage, no step floor)
             "strategy": {"name": "full", "lp_ft": False},
@@ -201,6 +202,10 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="tunesmith's train.precision (fp32: the comparison an AVX2-only CPU gets, against the fp32 Trainer)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                   help="cls: the packaged MiniLM without its sentence-transformers pooling config, so tunesmith "
+                   "classifies from the first token as the Trainer does (the model a hub BERT user brings)")
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -217,6 +222,13 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
     train_csv, _ = write_split(data, args.n_train, args.n_test)
+    if args.pooling == "cls":  # the same weights, no pooling config: both tools classify from the first token
+        packaged = resolve_model("minilm-l6").path
+        args.model_dir = str(data / "minilm-cls")
+        Path(args.model_dir).mkdir()
+        for f in packaged.iterdir():
+            if f.is_file() and f.name not in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+                (Path(args.model_dir) / f.name).symlink_to(f)
     fast_bf16 = torch.cuda.is_available() or cpu_bf16_is_fast()
     runs = args.only or (
         ["trainer", "trainer-bf16", "tunesmith-plain", "tunesmith"]
@@ -227,7 +239,7 @@ def main() -> None:
     for name in runs:
         cmd = [sys.executable, __file__, "--child", name, "--data-dir", str(data)]
         cmd += ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length),
-                "--precision", args.precision]
+                "--precision", args.precision] + (["--model-dir", args.model_dir] if args.model_dir else [])
         print(f"running {name} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -236,7 +248,7 @@ def main() -> None:
             raise SystemExit(f"{name} failed")
         results.append(json.loads(line[0][7:]))
 
-    flops = _train_flops(str(resolve_model("minilm-l6").path), train_csv, args.max_length)
+    flops = _train_flops(args.model_dir or str(resolve_model("minilm-l6").path), train_csv, args.max_length)
     peak32 = _matmul_peak("float32")
     peak16 = _matmul_peak("bfloat16")
     print(f"\nCPU matmul peak: float32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s (2048^2)")

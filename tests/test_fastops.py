@@ -107,7 +107,7 @@ def test_embedding_gradient_buffer_gives_the_plain_losses_and_weights():
     """Dropout off, so both runs compute the same function: 6 steps of 2 accumulated micro-batches each."""
     plain = tiny_bert(dropout=0.0, attention_dropout=0.0)
     fast = copy.deepcopy(plain)
-    assert speed_up(fast, torch.device("cpu"), 1) == ["embedding gradient buffer"]
+    assert speed_up(fast, torch.device("cpu"), 1) == ["embedding gradient buffer", "last layer on the first token"]
     assert type(fast.bert.embeddings.word_embeddings) is GradBufferEmbedding
     a, b = _train(plain, 6, accumulate=2), _train(fast, 6, accumulate=2)
     assert a == pytest.approx(b, abs=1e-5)
@@ -140,18 +140,63 @@ def test_embedding_gradient_buffer_recovers_from_a_nan_step():
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
 
 
+def test_first_token_last_layer_gives_the_plain_losses_only_where_the_head_reads_one_token():
+    """A CLS classifier's last layer computes position 0 alone in its training forward: the same losses and
+    weights as the plain layer (dropout off), every other call (eval, the encoder called alone, hidden
+    states asked for, a forward that raised) the whole sequence; a mean-pooled head keeps the plain layer."""
+    from tunesmith.models.heads import use_mean_pooling
+
+    plain = tiny_bert(dropout=0.0, attention_dropout=0.0)
+    fast = copy.deepcopy(plain)
+    assert fastops.first_token_last_layer(fast)
+    last = fast.bert.encoder.layer[-1]
+    assert isinstance(last, fastops._FirstTokenLayer) and not isinstance(fast.bert.encoder.layer[0], fastops._FirstTokenLayer)
+    widths: list[int] = []
+    last.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[1]))
+    a, b = _train(plain, 6, accumulate=2), _train(fast, 6, accumulate=2)
+    assert a == pytest.approx(b, abs=1e-5) and a[-1] < a[0]
+    assert set(widths) == {1}  # every training forward took the short path
+    for (n, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if not n.endswith("key.bias"):  # softmax ignores it: its gradient is rounding noise that AdamW scales up
+            assert torch.allclose(p, q, atol=1e-5), n
+    ids, mask, _ = batch()
+    widths.clear()
+    fast.train()
+    fast.bert(input_ids=ids, attention_mask=mask)  # the encoder alone (contrastive, mean pooling): every position
+    fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with pytest.raises(IndexError):
+        fast(input_ids=ids + 1000, attention_mask=mask)  # a forward that fails leaves the short path off
+    fast.bert(input_ids=ids, attention_mask=mask)
+    fast.eval()
+    plain.load_state_dict(fast.state_dict())  # the same weights: evaluation is the plain layer's, bit for bit
+    with torch.no_grad():
+        assert torch.equal(fast(input_ids=ids, attention_mask=mask).logits, plain.eval()(input_ids=ids, attention_mask=mask).logits)
+    assert widths == [12, 12, 12, 12]
+    twin = copy.deepcopy(fast).train()  # the hooks find the copy's own layer (the width hook is copied with it)
+    widths.clear()
+    twin(input_ids=ids, attention_mask=mask)
+    assert widths == [1]
+    assert fastops.first_token_last_layer(fast)  # a later stage: checked and hooked again, not stacked
+    assert len(fast._forward_pre_hooks) == 1 and type(last).__mro__[2] is type(fast.bert.encoder.layer[0])
+    pooled = tiny_bert()
+    use_mean_pooling(pooled)  # the masked mean of every position: the layer must stay whole
+    assert not fastops.first_token_last_layer(pooled)
+    assert not isinstance(pooled.bert.encoder.layer[-1], fastops._FirstTokenLayer)
+    assert "last layer on the first token" not in speed_up(pooled, torch.device("cpu"), 1)
+
+
 def test_speed_up_leaves_evaluation_and_saved_models_unchanged(tmp_path):
     plain = tiny_bert()
     fast = copy.deepcopy(plain)
     done = speed_up(fast, torch.device("cpu"), 1)
-    assert done == ["8 dropout layers", "attention with dropout", "embedding gradient buffer"]
+    assert done == ["8 dropout layers", "attention with dropout", "embedding gradient buffer", "last layer on the first token"]
     plain.eval(), fast.eval()
     ids, mask, _ = batch()
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, fast(input_ids=ids, attention_mask=mask).logits)
     fast.save_pretrained(tmp_path)
     assert "tunesmith" not in (tmp_path / "config.json").read_text()
-    assert speed_up(tiny_bert(), torch.device("cpu"), 2)[-1] == "attention with dropout"  # DDP: no buffer
+    assert "embedding gradient buffer" not in speed_up(tiny_bert(), torch.device("cpu"), 2)  # DDP: no buffer
     assert speed_up(tiny_bert(), torch.device("meta"), 1) == []
 
 

@@ -261,8 +261,8 @@ class TrainConfig(_Section):
     )
     fast_cpu_ops: bool = Field(
         True, description="On a CPU: dropout masks from 16-bit lanes of 64-bit draws, a float32-softmax attention path when "
-        "attention dropout is on, and one kept embedding-gradient buffer (tunesmith.models.fastops): the same mathematics, "
-        "a faster step. false = the plain modules."
+        "attention dropout is on, one kept embedding-gradient buffer, and a first-token classifier's last layer computed "
+        "for the first token alone (tunesmith.models.fastops): the same mathematics, a faster step. false = the plain modules."
     )
     class_weights: Literal["auto", "balanced", "none"] = Field(
         "auto", description="Single-label classifiers: 'balanced' weighs each class's loss by n_rows / (n_classes * class_rows) "
