@@ -176,7 +176,10 @@ def test_first_token_last_layer_gives_the_plain_losses_only_where_the_head_reads
     widths.clear()
     twin(input_ids=ids, attention_mask=mask)
     assert widths == [1]
+    fast.train()
+    fast.classifier.eval()  # modes are put back as they were, module by module, after the probe batch
     assert fastops.first_token_last_layer(fast)  # a later stage: checked and hooked again, not stacked
+    assert fast.bert.training and last.training and not fast.classifier.training
     assert len(fast._forward_pre_hooks) == 1 and type(last).__mro__[2] is type(fast.bert.encoder.layer[0])
     pooled = tiny_bert()
     use_mean_pooling(pooled)  # the masked mean of every position: the layer must stay whole

@@ -247,24 +247,24 @@ def _first_token_off(name: str, model: nn.Module, *_: Any) -> None:
 
 @torch.no_grad()
 def _first_token_holds(model: nn.Module, layer: nn.Module, emb: nn.Embedding) -> bool:
+    """The same logits, whole layer and short path, on a padded batch in evaluation mode (no dropout)."""
     gen = torch.Generator().manual_seed(0)
     device = emb.weight.device
     ids = torch.randint(min(emb.num_embeddings, 1000), (3, 7), generator=gen).to(device)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     mask[2, 2:] = 0
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]  # put back exactly as they were
     model.eval()
     layer._first_token = False
     try:
         plain = model(input_ids=ids, attention_mask=mask).logits.float()
-        layer._first_token, layer.training = True, True  # the short path (its dropouts are off: eval)
-        for m in layer.modules():
-            m.training = m is layer
+        layer._first_token, layer.training = True, True  # the short path; its submodules stay in eval (no dropout)
         short = model(input_ids=ids, attention_mask=mask).logits.float()
     finally:
         layer._first_token = False
-        model.train(was)
+        for m, training in modes:
+            m.training = training
     return plain.shape == short.shape and bool(torch.allclose(plain, short, rtol=1e-4, atol=1e-5))
 
 
