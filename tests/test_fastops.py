@@ -188,6 +188,48 @@ def test_first_token_last_layer_gives_the_plain_losses_only_where_the_head_reads
     assert "last layer on the first token" not in speed_up(pooled, torch.device("cpu"), 1)
 
 
+def _tiny_classifier(family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    off = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kw = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=64, num_labels=3, **off)
+    if family == "roberta":
+        return tf.RobertaForSequenceClassification(tf.RobertaConfig(pad_token_id=1, **kw)), "roberta.encoder.layer.1"
+    if family == "electra":
+        return tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=32, **kw)), "electra.encoder.layer.1"
+    cfg = tf.DistilBertConfig(vocab_size=60, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+                              num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return tf.DistilBertForSequenceClassification(cfg), "distilbert.transformer.layer.1"
+
+
+@pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
+def test_first_token_last_layer_in_other_encoder_families(family):
+    """RoBERTa's and ELECTRA's layers are BERT's; DistilBERT's block has its own names: each short path gives the
+    plain layer's losses (dropout off) and computes one position in training."""
+    plain, name = _tiny_classifier(family)
+    fast = copy.deepcopy(plain)
+    assert fastops.first_token_last_layer(fast)
+    widths: list[int] = []
+    fast.get_submodule(name).register_forward_hook(lambda _m, _a, out: widths.append(out.shape[1]))
+    ids, mask, y = batch()
+    ids = ids.clamp(min=2) * mask + mask.eq(0) * (1 if family == "roberta" else 0)  # padding = the model's pad id
+    losses = []
+    for model in (plain, fast):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        run = []
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[1][-1] < losses[1][0]
+    assert widths == [1, 1, 1, 1]
+
+
 def test_speed_up_leaves_evaluation_and_saved_models_unchanged(tmp_path):
     plain = tiny_bert()
     fast = copy.deepcopy(plain)

@@ -25,9 +25,10 @@ products took most of a CPU training step, and each has an exact replacement:
 - **Gradient clipping.** `clip_grad_norm_` takes the same L2 norm from one dot product per gradient and
   scales the gradients only when the norm is above the limit (about 5 ms a step against 18).
 
-- **The last layer of a first-token classifier.** A head on the first token (BERT's pooler, RoBERTa's and
-  ELECTRA's classification heads) reads one position of the last encoder layer, yet the layer computes every
-  position. `first_token_last_layer` gives a BERT-family last layer (BertLayer, RobertaLayer, ...) a forward
+- **The last layer of a first-token classifier.** A head on the first token (BERT's pooler, RoBERTa's,
+  ELECTRA's and DistilBERT's classification heads) reads one position of the last encoder layer, yet the layer
+  computes every position. `first_token_last_layer` gives a BERT-family last layer (BertLayer, RobertaLayer,
+  ..., DistilBERT's TransformerBlock) a forward
   that, in the classifier's own training forward, computes the keys and values from every token and the
   query, attention output, feed-forward block and layer norms for position 0 alone: about 10/12 of that
   layer's matrix products saved (14% of MiniLM-L6's, 7% of BERT-base's), position 0's formula unchanged. It is
@@ -160,64 +161,109 @@ class GradBufferEmbedding(nn.Embedding):
 
 
 class _FirstTokenLayer:
-    """Mixed into the class of a classifier's last BERT-family encoder layer (BertLayer, RobertaLayer, ...):
-    while `_first_token` is set (the classifier's own forward, training), only position 0 is computed past
-    the keys and values. Its query, attention output, feed-forward block and layer norms run on one row per
-    sequence; the keys and values still come from every token. Position 0's output is the same formula;
-    the other positions, which a head on the first token never reads, are not computed."""
+    """Mixed into the class of a classifier's last encoder layer: while `_first_token` is set (the classifier's
+    own forward, training), `_short` computes only position 0 past the keys and values. Its query, attention
+    output, feed-forward block and layer norms run on one row per sequence; the keys and values still come
+    from every token. Position 0's output is the same formula; the other positions, which a head on the first
+    token never reads, are not computed."""
 
     _first_token = False
+    _short: Any = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
         if not (self._first_token and self.training):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.bert.modeling_bert import eager_attention_forward
-
-        a = self.attention.self
-        b, n, _ = hidden_states.shape
-        first = hidden_states[:, :1]
-        q = a.query(first).view(b, 1, -1, a.attention_head_size).transpose(1, 2)
-        k = a.key(hidden_states).view(b, n, -1, a.attention_head_size).transpose(1, 2)
-        v = a.value(hidden_states).view(b, n, -1, a.attention_head_size).transpose(1, 2)
-        if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.shape[-2] > 1:
-            attention_mask = attention_mask[:, :, :1]  # the query row of position 0
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation, eager_attention_forward)
-        out, _ = attend(a, q, k, v, attention_mask, dropout=a.dropout.p if a.training else 0.0, scaling=a.scaling)
-        x = self.attention.output(out.reshape(b, 1, -1).contiguous(), first)
-        return self.output(self.intermediate(x), x)
+        return type(self)._short(self, hidden_states, attention_mask)
 
 
+def _attend_first(a: nn.Module, q: nn.Module, k: nn.Module, v: nn.Module, hidden: torch.Tensor,
+                  mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of position 0 over every position (transformers' attention interface, the model's own
+    implementation): (batch, 1, heads x dim), and position 0's input."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    b, n, _ = hidden.shape
+    first = hidden[:, :1]
+    heads = a.attention_head_size
+    query = q(first).view(b, 1, -1, heads).transpose(1, 2)
+    key = k(hidden).view(b, n, -1, heads).transpose(1, 2)
+    value = v(hidden).view(b, n, -1, heads).transpose(1, 2)
+    if mask is not None and mask.ndim == 4 and mask.shape[-2] > 1:
+        mask = mask[:, :, :1]  # the query row of position 0
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation, eager_attention_forward)
+    out, _ = attend(a, query, key, value, mask, dropout=a.dropout.p if a.training else 0.0, scaling=a.scaling)
+    return out.reshape(b, 1, -1).contiguous(), first
+
+
+def _bert_first(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """BertLayer's formula (RoBERTa, XLM-R, ELECTRA, CamemBERT: the same layer) for position 0."""
+    a = layer.attention.self
+    out, first = _attend_first(a, a.query, a.key, a.value, hidden, mask)
+    x = layer.attention.output(out, first)
+    return layer.output(layer.intermediate(x), x)
+
+
+def _distilbert_first(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """DistilBERT's TransformerBlock formula for position 0."""
+    a = layer.attention
+    out, first = _attend_first(a, a.q_lin, a.k_lin, a.v_lin, hidden, mask)
+    x = layer.sa_layer_norm(a.out_lin(out) + first)
+    return layer.output_layer_norm(layer.ffn(x) + x)
+
+
+def _is_bert_layer(m: nn.Module) -> bool:
+    a = getattr(getattr(m, "attention", None), "self", None)
+    return (_modules(a, "query", "key", "value", "dropout") and _modules(m, "intermediate", "output")
+            and not getattr(m, "is_decoder", False) and not getattr(m, "chunk_size_feed_forward", 0))
+
+
+def _is_distilbert_block(m: nn.Module) -> bool:
+    a = getattr(m, "attention", None)
+    return (_modules(a, "q_lin", "k_lin", "v_lin", "out_lin", "dropout") and _modules(m, "sa_layer_norm", "ffn", "output_layer_norm")
+            and not getattr(m.ffn, "chunk_size_feed_forward", 0))
+
+
+def _modules(m: Any, *names: str) -> bool:
+    return m is not None and all(isinstance(getattr(m, n, None), nn.Module) for n in names)
+
+
+# encoder layer families whose last layer can be computed for position 0 alone: (is it one, its short forward)
+_FAMILIES = ((_is_bert_layer, _bert_first), (_is_distilbert_block, _distilbert_first))
 _FIRST_TOKEN_CLASSES: dict[type, type] = {}
 
 
-def _bert_layers(model: nn.Module) -> list[nn.ModuleList]:
-    """The module lists of BERT-family encoder layers (self-attention with query/key/value, intermediate, output)."""
-    def bert_like(m: nn.Module) -> bool:
-        a = getattr(getattr(m, "attention", None), "self", None)
-        return (all(isinstance(getattr(a, n, None), nn.Module) for n in ("query", "key", "value", "dropout"))
-                and hasattr(a, "attention_head_size") and hasattr(a, "scaling")
-                and isinstance(getattr(m, "intermediate", None), nn.Module) and isinstance(getattr(m, "output", None), nn.Module)
-                and not getattr(m, "is_decoder", False) and not getattr(m, "chunk_size_feed_forward", 0)
+def _encoder_layers(model: nn.Module) -> list[tuple[nn.ModuleList, Any]]:
+    """The module lists of encoder layers of a known family, each with its family's short forward."""
+    def fits(m: nn.Module, is_family: Any) -> bool:
+        a = getattr(m, "attention", None)
+        a = getattr(a, "self", a)
+        return (is_family(m) and hasattr(a, "attention_head_size") and hasattr(a, "scaling")
                 and not getattr(m, "gradient_checkpointing", False))
-    return [ml for ml in model.modules() if isinstance(ml, nn.ModuleList) and len(ml) and all(bert_like(m) for m in ml)]
+    found = []
+    for ml in model.modules():
+        if isinstance(ml, nn.ModuleList) and len(ml):
+            found += [(ml, short) for is_family, short in _FAMILIES if all(fits(m, is_family) for m in ml)]
+    return found
 
 
 def first_token_last_layer(model: nn.Module) -> bool:
     """Make the last encoder layer compute only position 0 in the classifier's training forward, when the
     model's logits read only that position: checked on a padded probe batch (logits equal with and without
     it, in evaluation mode) before it is kept. Returns whether it was."""
-    lists = _bert_layers(model)
+    lists = _encoder_layers(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if len(lists) != 1 or not isinstance(emb, nn.Embedding):
         return False
-    layer = lists[0][-1]
+    layers, short = lists[0]
+    layer = layers[-1]
     for h in layer.__dict__.pop("_first_token_hooks", ()):  # a later stage (LoRA wraps the model): hooks anew
         h.remove()
     base = type(layer).__mro__[2] if isinstance(layer, _FirstTokenLayer) else type(layer)
     if base not in _FIRST_TOKEN_CLASSES:
-        _FIRST_TOKEN_CLASSES[base] = type(base.__name__, (_FirstTokenLayer, base), {"__module__": base.__module__})
+        _FIRST_TOKEN_CLASSES[base] = type(base.__name__, (_FirstTokenLayer, base),
+                                          {"__module__": base.__module__, "_short": staticmethod(short)})
     layer.__class__ = _FIRST_TOKEN_CLASSES[base]
     ok = False
     try:
