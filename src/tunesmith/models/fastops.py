@@ -214,15 +214,19 @@ def _distilbert_first(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor
 
 
 def _is_bert_layer(m: nn.Module) -> bool:
-    a = getattr(getattr(m, "attention", None), "self", None)
-    return (_modules(a, "query", "key", "value", "dropout") and _modules(m, "intermediate", "output")
+    return (_attention(getattr(getattr(m, "attention", None), "self", None), "query", "key", "value")
+            and _modules(m, "intermediate", "output")
             and not getattr(m, "is_decoder", False) and not getattr(m, "chunk_size_feed_forward", 0))
 
 
 def _is_distilbert_block(m: nn.Module) -> bool:
-    a = getattr(m, "attention", None)
-    return (_modules(a, "q_lin", "k_lin", "v_lin", "out_lin", "dropout") and _modules(m, "sa_layer_norm", "ffn", "output_layer_norm")
-            and not getattr(m.ffn, "chunk_size_feed_forward", 0))
+    return (_attention(getattr(m, "attention", None), "q_lin", "k_lin", "v_lin", "out_lin")
+            and _modules(m, "sa_layer_norm", "ffn", "output_layer_norm") and not getattr(m.ffn, "chunk_size_feed_forward", 0))
+
+
+def _attention(a: Any, *projections: str) -> bool:
+    """Self-attention as `_attend_first` reads it: its projections, dropout, head size and scaling."""
+    return _modules(a, *projections, "dropout") and hasattr(a, "attention_head_size") and hasattr(a, "scaling")
 
 
 def _modules(m: Any, *names: str) -> bool:
@@ -235,16 +239,13 @@ _FIRST_TOKEN_CLASSES: dict[type, type] = {}
 
 
 def _encoder_layers(model: nn.Module) -> list[tuple[nn.ModuleList, Any]]:
-    """The module lists of encoder layers of a known family, each with its family's short forward."""
-    def fits(m: nn.Module, is_family: Any) -> bool:
-        a = getattr(m, "attention", None)
-        a = getattr(a, "self", a)
-        return (is_family(m) and hasattr(a, "attention_head_size") and hasattr(a, "scaling")
-                and not getattr(m, "gradient_checkpointing", False))
+    """The module lists of encoder layers of a known family (not recomputed by gradient checkpointing), each with
+    its family's short forward."""
     found = []
     for ml in model.modules():
         if isinstance(ml, nn.ModuleList) and len(ml):
-            found += [(ml, short) for is_family, short in _FAMILIES if all(fits(m, is_family) for m in ml)]
+            found += [(ml, short) for is_family, short in _FAMILIES
+                      if all(is_family(m) and not getattr(m, "gradient_checkpointing", False) for m in ml)]
     return found
 
 
