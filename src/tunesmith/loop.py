@@ -296,7 +296,7 @@ class Recipe:
         model, head, discarded = self.task.load_model(self.resolved)
         console.print(f"model: {cfg.model} ({self.resolved.source}, {self.resolved.path})")
         if head:
-            console.print(f"head: new {len(self.data.labels)}-way head ({', '.join(head)})" + (
+            console.print(f"head: {self.task.head_kept or f'new {len(self.data.labels)}-way head'} ({', '.join(head)})" + (
                 f"; discarded pre-trained {', '.join(discarded[:6])}{' ...' if len(discarded) > 6 else ''}" if discarded else ""))
         self.parts = ModelParts(model, head)
         chosen = STRATEGIES.get(cfg.strategy.name).choose(cfg.strategy, self.parts, len(self.data.train), self.device,

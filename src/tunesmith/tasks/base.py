@@ -136,6 +136,7 @@ class Task:
         self.tokenizer: Any = None
         self.labels: list[str] = []
         self.multi_label = False
+        self.head_kept: str | None = None  # load_model kept the checkpoint's own head: how, for the console
 
     # -- declarations the config reads --------------------------------------------------------
     @classmethod

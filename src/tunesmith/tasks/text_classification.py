@@ -170,8 +170,14 @@ class TextClassification(ClassificationTask):
                 )
         finally:
             hf_logging.set_verbosity(verbosity)
+        # a model a tunesmith run saved: its config describes the head that run left (`tunesmith_head`);
+        # this run starts its own description, keeping only that the model reads the mean token
+        saved = getattr(model.config, "tunesmith_head", None) or {}
+        if hasattr(model.config, "tunesmith_head"):
+            del model.config.tunesmith_head
         pooling = (self.config.strategy.model_extra or {}).get("pooling", "auto")  # feature-extraction's key
-        if pooling == "mean" or pooling == "auto" and sentence_transformers_pooling(resolved.path) == "mean":
+        if pooling == "mean" or pooling == "auto" and (
+                saved.get("pooling") == "mean" or sentence_transformers_pooling(resolved.path) == "mean"):
             # a sentence-transformers model classifies from what it was trained to give: the mean token
             use_mean_pooling(model)
         fresh = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])}
@@ -179,6 +185,15 @@ class TextClassification(ClassificationTask):
         discarded = sorted(set(info.get("unexpected_keys", [])) | {m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])})
         if not head:  # a checkpoint that already had a head of exactly this size: retrain its classifier
             head = [n for n, _ in model.named_parameters() if n.startswith(_classifier_prefix(model))]
+            named = _checkpoint_label_names(resolved.path)
+            if named is not None and named != self.labels:  # other classes, or another order: its rows mean nothing here
+                for n, p in model.named_parameters():
+                    if n in head:
+                        with torch.no_grad():
+                            p.normal_(0.0, getattr(model.config, "initializer_range", 0.02)) if p.dim() > 1 else p.zero_()
+            else:
+                self.head_kept = f"the checkpoint's own {len(self.labels)}-way head" + (
+                    " (the same labels)" if named else "") + ", trained further"
         return model, head, discarded
 
     # -- a finished run ------------------------------------------------------------------------
@@ -301,6 +316,19 @@ print(clf("some text", top_k=None))
                 pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy() if features else None
                 acc.update(b, out.logits.float().cpu().numpy(), pooled)
         model.train(was_training)
+
+
+def _checkpoint_label_names(path: Path) -> list[str] | None:
+    """The class names a checkpoint's head was trained on, in its output order (config.json `id2label`); None when
+    it has none or only transformers' placeholders (LABEL_0, LABEL_1, ...)."""
+    import json
+
+    try:
+        id2label = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (OSError, ValueError, KeyError):
+        return None
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
 def _classifier_prefix(model: nn.Module) -> str:
