@@ -16,6 +16,8 @@ Proxies:
 - rt-16pc, rt-64pc, debates-16pc: the few-shot end (16 or 64 training rows per class), up to 1,000
   of the rest held out; also rt-8pc, rt-32pc, debates-32pc, debates-64pc, and from the mid-size corpora below
   speeches-16pc, speeches-64pc, rtplot-16pc.
+- chatter-5way, chatter-9way: chatterbot-corpus questions by topic (trivia, coding, psychology, ...), half of each
+  topic held out: 5 topics with 24-130 training rows, or 9 with 11-130 (conversational English, imbalanced).
 - speeches-party, rt-plot-3way: mid-size (3,000 training rows), where the epoch budget decides: convention-speech
   sentences by party with unseen test speakers; Rotten Tomatoes with plot summaries as an 8% third class.
 
@@ -195,6 +197,35 @@ PROXIES.update({"rt-8pc": few_shot("rt", 8), "rt-32pc": few_shot("rt", 32), "deb
                 # imbalanced few-shot: 100+ rows with a class under 20, where `auto` takes contrastive
                 "rt-imb-few": few_shot("rt", {"fresh": 16, "rotten": 96}),
                 "rtplot-imb-few": few_shot("rt-plot-3way", {"plot": 16, "fresh": 64, "rotten": 48})})
+
+
+def chatter_topics(topics: list[str]):
+    """chatterbot-corpus questions labelled by the topic file they come from (conversational English, another domain):
+    each distinct question once (the 3 filed under two topics dropped), half of each topic for training and half
+    held out, so the corpus's own imbalance stays (trivia 260 questions, sports 22)."""
+    def build(d: Path) -> dict:
+        from tunesmith.datasets import chatterbot_pairs
+
+        by_q: dict[str, set] = {}
+        for topic, q, _ in chatterbot_pairs(["all"]):
+            by_q.setdefault(q.strip(), set()).add(topic)
+        train, test = [], []
+        for topic in topics:
+            qs = sorted(q for q, ts in by_q.items() if ts == {topic})
+            random.Random(4).shuffle(qs)
+            half = len(qs) // 2
+            train += [(q, topic) for q in qs[:half]]
+            test += [(q, topic) for q in qs[half:]]
+        random.Random(0).shuffle(train)
+        return {"task": "text-classification", "model": "minilm-l6",
+                "data": {"train": _write(d / "train.csv", train), "test": _write(d / "test.csv", test)}}
+    return build
+
+
+# another domain: conversational questions by topic; 5 topics of 48+ questions, 9 of 22+ (a rare class of 11)
+PROXIES.update({"chatter-5way": chatter_topics(["trivia", "coding", "psychology", "ai", "emotion"]),
+                "chatter-9way": chatter_topics(["trivia", "coding", "psychology", "ai", "emotion", "literature",
+                                                "movies", "science", "sports"])})
 
 
 def merge(a: dict, b: dict) -> dict:
