@@ -192,8 +192,7 @@ class TextClassification(ClassificationTask):
                         with torch.no_grad():
                             p.normal_(0.0, getattr(model.config, "initializer_range", 0.02)) if p.dim() > 1 else p.zero_()
             else:
-                self.head_kept = f"the checkpoint's own {len(self.labels)}-way head" + (
-                    " (the same labels)" if named else "") + ", trained further"
+                self.head_kept = f"the checkpoint's own {len(self.labels)}-way head" + (" (the same labels)" if named else "")
         return model, head, discarded
 
     # -- a finished run ------------------------------------------------------------------------
