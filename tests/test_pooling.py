@@ -107,7 +107,7 @@ def test_an_earlier_head_for_other_labels_starts_afresh(make_config, data_dir, t
     renamed.mkdir()
     for split in ("train", "validation", "test"):
         lines = (data_dir / f"{split}.csv").read_text().splitlines()
-        (renamed / f"{split}.csv").write_text("\n".join([lines[0]] + [f"{l},x" for l in lines[1:]]).replace(",x", "_x") + "\n")
+        (renamed / f"{split}.csv").write_text("\n".join([lines[0]] + [f"{l}_x" for l in lines[1:]]) + "\n")  # the label is last
     data = {s: str(renamed / f"{s}.csv") for s in ("train", "validation", "test")}
     second = tunesmith.train(make_config(model=str(first.run_dir / "model"), data=data, optim={"epochs": 1},
                                          output_dir=str(tmp_path / "second")), quiet=True)

@@ -187,10 +187,12 @@ class TextClassification(ClassificationTask):
             head = [n for n, _ in model.named_parameters() if n.startswith(_classifier_prefix(model))]
             named = _checkpoint_label_names(resolved.path)
             if named is not None and named != self.labels:  # other classes, or another order: its rows mean nothing here
-                for n, p in model.named_parameters():
-                    if n in head:
-                        with torch.no_grad():
-                            p.normal_(0.0, getattr(model.config, "initializer_range", 0.02)) if p.dim() > 1 else p.zero_()
+                with torch.no_grad():  # transformers' initialisation of a classification head
+                    for n, p in model.named_parameters():
+                        if n in head and p.dim() > 1:
+                            p.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+                        elif n in head:
+                            p.zero_()
             else:
                 self.head_kept = f"the checkpoint's own {len(self.labels)}-way head" + (" (the same labels)" if named else "")
         return model, head, discarded
