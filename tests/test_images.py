@@ -276,3 +276,23 @@ def test_image_soup_measures_its_batch_norm_statistics_anew(tiny_timm_dir, image
     name = next(k for k, m in result.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     # one pass over the training rows in batches of 8 (the runs' own count would be their optimizer steps)
     assert int(saved[f"{name}.num_batches_tracked"]) == -(-result.eval["data"]["train"]["rows"] // 8)
+
+
+def test_a_run_starts_from_an_earlier_runs_model_and_keeps_its_head_for_the_same_classes(tiny_timm_dir, images, tmp_path):
+    """An earlier run's model/ as `model` (fine-tune again): the same classes keep the trained head, so the
+    starting model is the first run's (its test loss to float tolerance); other classes get timm's new head."""
+    import tunesmith
+
+    first = tunesmith.train(config(tiny_timm_dir, images, tmp_path), quiet=True)
+    again = tunesmith.train(config(tiny_timm_dir, images, tmp_path, model=str(first.run_dir / "model"),
+                                   output_dir=str(tmp_path / "again"), optim={"epochs": 1}), quiet=True)
+    assert again.eval["before"]["loss"] == pytest.approx(first.eval["after"]["loss"], abs=1e-5)
+    two = tmp_path / "two"
+    for split in ("train", "test"):
+        for c in ("red", "blue"):
+            shutil.copytree(images / split / c, two / split / f"{c}-2")
+    other = tunesmith.train(config(tiny_timm_dir, images, tmp_path, model=str(first.run_dir / "model"),
+                                   output_dir=str(tmp_path / "other"), optim={"epochs": 1},
+                                   data={"train": str(two / "train"), "test": str(two / "test")}), quiet=True)
+    assert other.eval["labels"] == ["blue-2", "red-2"]
+    assert len(load_file(str(other.run_dir / "model" / "model.safetensors"))["classifier.bias"]) == 2

@@ -229,7 +229,11 @@ print(labels[int(p.argmax())], float(p.max()))
         model = create_model(resolved, self.config.allow_pickle)
         prefix = classifier_prefix(model)
         discarded = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
-        model.reset_classifier(len(self.labels))  # timm's own head reset, sized to the user's classes
+        if resolved.source in ("packaged", "local") and _checkpoint_label_names(resolved.path) == self.labels:
+            discarded = []  # an earlier run on these classes (fine-tune again): its head, not a new one
+            self.head_kept = f"the checkpoint's own {len(self.labels)}-way head (the same labels)"
+        else:
+            model.reset_classifier(len(self.labels))  # timm's own head reset, sized to the user's classes
         head = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
         if not head:
             raise UserError(f"cannot find the classifier of '{resolved.spec}' (expected parameters under '{prefix}')")
@@ -349,3 +353,13 @@ print(labels[int(p.argmax())], float(p.max()))
 
         save_timm(model, directory, self.labels, self.export_data_config())
         (directory / "preprocessing.json").write_text(json.dumps(self.pre.to_dict(), indent=2), encoding="utf-8")
+
+
+def _checkpoint_label_names(path: Path) -> list[str] | None:
+    """The class names a timm folder's head was trained on (config.json `label_names`, as tunesmith and
+    `timm.models.save_for_hf` write them), or None."""
+    try:
+        names = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("label_names")
+    except (OSError, ValueError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
