@@ -266,7 +266,6 @@ def first_token_last_layer(model: nn.Module) -> bool:
         _FIRST_TOKEN_CLASSES[base] = type(base.__name__, (_FirstTokenLayer, base),
                                           {"__module__": base.__module__, "_short": staticmethod(short)})
     layer.__class__ = _FIRST_TOKEN_CLASSES[base]
-    ok = False
     try:
         ok = _first_token_holds(model, layer, emb)
     except Exception:  # any model this does not fit: the plain layer

@@ -69,6 +69,22 @@ def use_mean_pooling(model: nn.Module) -> bool:
     return True
 
 
+def checkpoint_label_names(model_dir: Path) -> list[str] | None:
+    """The class names a checkpoint's head was trained on, in its output order, from its config.json: `label_names`
+    (timm's folders, tunesmith's image runs) or `id2label` (transformers); None when it names none or only
+    transformers' placeholders (LABEL_0, LABEL_1, ...)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        names = cfg.get("label_names")
+        if not isinstance(names, list):
+            id2label = cfg.get("id2label") or {}
+            names = [id2label[k] for k in sorted(id2label, key=int)]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    names = [str(n) for n in names]
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
 def sentence_transformers_pooling(model_dir: Path) -> str | None:
     """'mean' when the directory's sentence-transformers pooling config says mean tokens."""
     cfg = Path(model_dir) / "1_Pooling" / "config.json"

@@ -29,6 +29,7 @@ from tunesmith.data.batching import shard
 from tunesmith.data.store import key_hash
 from tunesmith.data.images import ImageSet, ImageStore, Preprocess, StoredImages, center_crop, decode, normalize, read_image_set
 from tunesmith.errors import UserError
+from tunesmith.models.heads import checkpoint_label_names
 from tunesmith.models.resolve import ResolvedModel
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime
 from tunesmith.tasks.classification import ClassificationTask
@@ -229,7 +230,7 @@ print(labels[int(p.argmax())], float(p.max()))
         model = create_model(resolved, self.config.allow_pickle)
         prefix = classifier_prefix(model)
         discarded = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
-        if resolved.source in ("packaged", "local") and _checkpoint_label_names(resolved.path) == self.labels:
+        if resolved.source in ("packaged", "local") and checkpoint_label_names(resolved.path) == self.labels:
             discarded = []  # an earlier run on these classes (fine-tune again): its head, not a new one
             self.head_kept = f"the checkpoint's own {len(self.labels)}-way head (the same labels)"
         else:
@@ -353,13 +354,3 @@ print(labels[int(p.argmax())], float(p.max()))
 
         save_timm(model, directory, self.labels, self.export_data_config())
         (directory / "preprocessing.json").write_text(json.dumps(self.pre.to_dict(), indent=2), encoding="utf-8")
-
-
-def _checkpoint_label_names(path: Path) -> list[str] | None:
-    """The class names a timm folder's head was trained on (config.json `label_names`, as tunesmith and
-    `timm.models.save_for_hf` write them), or None."""
-    try:
-        names = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("label_names")
-    except (OSError, ValueError):
-        return None
-    return [str(n) for n in names] if isinstance(names, list) else None

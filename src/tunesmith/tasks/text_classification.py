@@ -21,7 +21,7 @@ from torch import nn
 from tunesmith.data.batching import Ragged, make_batches, pad_batch, shard
 from tunesmith.data.text import TextSet, check_known_labels, is_multi_label, read_text_set
 from tunesmith.errors import UserError
-from tunesmith.models.heads import mean_pool, sentence_transformers_pooling, use_mean_pooling
+from tunesmith.models.heads import checkpoint_label_names, mean_pool, sentence_transformers_pooling, use_mean_pooling
 from tunesmith.models.safety import check_weights_safety, loading_weights
 from tunesmith.precision import linear_weights_cast
 from tunesmith.tasks.base import Accumulator, Prepared, Runtime, TokenView
@@ -185,7 +185,7 @@ class TextClassification(ClassificationTask):
         discarded = sorted(set(info.get("unexpected_keys", [])) | {m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])})
         if not head:  # a checkpoint that already had a head of exactly this size: retrain its classifier
             head = [n for n, _ in model.named_parameters() if n.startswith(_classifier_prefix(model))]
-            named = _checkpoint_label_names(resolved.path)
+            named = checkpoint_label_names(resolved.path)
             if named is not None and named != self.labels:  # other classes, or another order: its rows mean nothing here
                 with torch.no_grad():  # transformers' initialisation of a classification head
                     for n, p in model.named_parameters():
@@ -317,19 +317,6 @@ print(clf("some text", top_k=None))
                 pooled = mean_pool(out.hidden_states[-1].float(), batch["attention_mask"]).cpu().numpy() if features else None
                 acc.update(b, out.logits.float().cpu().numpy(), pooled)
         model.train(was_training)
-
-
-def _checkpoint_label_names(path: Path) -> list[str] | None:
-    """The class names a checkpoint's head was trained on, in its output order (config.json `id2label`); None when
-    it has none or only transformers' placeholders (LABEL_0, LABEL_1, ...)."""
-    import json
-
-    try:
-        id2label = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
-        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    except (OSError, ValueError, KeyError):
-        return None
-    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
 def _classifier_prefix(model: nn.Module) -> str:
